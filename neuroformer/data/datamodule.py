@@ -1,0 +1,173 @@
+"""LightningDataModule: NWB files (or the built-in simulated recording) to batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from neuroformer.data.dataset import InputSpec, WindowDataset, already_batched
+from neuroformer.data.nwb import read_nwb
+from neuroformer.data.recording import Recording
+from neuroformer.data.simulate import SimulationConfig, simulate_recording
+from neuroformer.data.splits import SPLITS, SplitSpec, window_starts
+from neuroformer.data.tokenizer import SpikeTokenizer
+from neuroformer.data.vocabulary import UnitVocabulary
+from neuroformer.errors import RecordingError
+
+log = logging.getLogger(__name__)
+
+
+def simulated_path(cache_dir: str | Path, config: SimulationConfig) -> Path:
+    """Cache file of a simulated recording: one file per distinct simulation config."""
+    key = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"simulated_seed{config.seed}_{key}.nwb"
+
+
+class NWBDataModule(L.LightningDataModule):
+    """Windows of one or more NWB recordings, split into contiguous time blocks.
+
+    Args:
+        paths: NWB files to train on. If empty, the simulated recording described by
+            ``simulate`` is used (generated on first use and cached in ``cache_dir``).
+        simulate: ``SimulationConfig`` fields for the default simulated recording.
+        cache_dir: where simulated recordings are cached.
+        tokenizer: spike tokenisation (windows, resolution, sequence lengths).
+        split: the time-block split (see ``neuroformer.data.splits``).
+        n_frames: stimulus frames per window; 0 trains without the stimulus.
+        behavior: behaviour variables fed to the model (names in the files).
+        behavior_steps: behaviour samples per window.
+        behavior_nan: NaN policy for behaviour: "refuse", "interpolate" or "mask".
+        stimulus: name of the stimulus series when a file has several.
+        restrict_to: an interval table (e.g. "trials") that windows must lie inside.
+        train_stride: spacing of training windows in seconds (default: the window length).
+        train_fraction: fraction of training windows used (few-shot), taken as the first ones in time.
+        batch_size, num_workers: DataLoader settings.
+        vocab: an existing unit vocabulary to extend (fine-tuning a trained model).
+    """
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        simulate: dict | None = None,
+        cache_dir: str = "data_cache",
+        tokenizer: SpikeTokenizer | None = None,
+        split: SplitSpec | None = None,
+        n_frames: int = 4,
+        behavior: list[str] | None = None,
+        behavior_steps: int = 8,
+        behavior_nan: str = "refuse",
+        stimulus: str | None = None,
+        restrict_to: str | None = None,
+        train_stride: float | None = None,
+        train_fraction: float = 1.0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        vocab: UnitVocabulary | None = None,
+    ):
+        super().__init__()
+        self.paths = [Path(p) for p in (paths or [])]
+        self.simulation = SimulationConfig(**(simulate or {}))
+        self.cache_dir = Path(cache_dir)
+        self.tokenizer = tokenizer or SpikeTokenizer()
+        self.split = split or SplitSpec()
+        self.n_frames, self.behavior_names, self.behavior_steps = n_frames, list(behavior or []), behavior_steps
+        self.behavior_nan, self.stimulus_name, self.restrict_to = behavior_nan, stimulus, restrict_to
+        self.train_stride = train_stride or self.tokenizer.window
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1]; got {train_fraction}")
+        self.train_fraction = train_fraction
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.base_vocab = vocab or UnitVocabulary()
+        self.recordings: list[Recording] = []
+        self.datasets: dict[str, WindowDataset] = {}
+        self.spec: InputSpec | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        return self.paths or [simulated_path(self.cache_dir, self.simulation)]
+
+    def prepare_data(self) -> None:
+        if not self.paths:
+            path = self.files[0]
+            if not path.exists():
+                log.info("Simulating the default recording into %s (first use; cached after)", path)
+                simulate_recording(path, self.simulation)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.spec is not None:
+            return
+        self.prepare_data()
+        self.recordings = [
+            read_nwb(p, behavior_nan=self.behavior_nan, stimulus=self.stimulus_name) for p in self.files
+        ]
+        starts = {s: [self._starts(rec, s) for rec in self.recordings] for s in SPLITS}
+        if self.train_fraction < 1:
+            starts["train"] = [t[: max(1, int(round(len(t) * self.train_fraction)))] for t in starts["train"]]
+        self.spec = self._spec(starts["train"])
+        self.datasets = {s: WindowDataset(self.recordings, self.spec, starts[s]) for s in SPLITS}
+        for s, ds in self.datasets.items():
+            if len(ds) == 0:
+                raise RecordingError(
+                    self.files[0], "windows", f"no {s} windows: the recording is too short for "
+                    f"{self.split.n_blocks} blocks of past_window + window seconds"
+                )
+        log.info("Windows: " + ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items()))
+
+    def _starts(self, rec: Recording, split: str) -> np.ndarray:
+        restrict = None
+        if self.restrict_to:
+            restrict = rec.trials if self.restrict_to == "trials" else rec.intervals.get(self.restrict_to)
+            if restrict is None:
+                raise RecordingError(
+                    rec.path, f"intervals/{self.restrict_to}",
+                    f"restrict_to names an interval table the file lacks; it has "
+                    f"{(['trials'] if rec.trials else []) + sorted(rec.intervals)}"
+                )
+        tok = self.tokenizer
+        stride = self.train_stride if split == "train" else tok.window
+        return window_starts(rec.start, rec.stop, self.split, split, tok.window, tok.past_window, stride, restrict)
+
+    def _spec(self, train_starts: list[np.ndarray]) -> InputSpec:
+        """The input spec, with normalisation statistics from training windows only."""
+        vocab = self.base_vocab.extend(n for rec in self.recordings for n in rec.units.names)
+        spec = InputSpec(tokenizer=self.tokenizer, vocab=vocab, behavior=self.behavior_names,
+                         behavior_steps=self.behavior_steps if self.behavior_names else 0)
+        rec, t0 = self.recordings[0], train_starts[0]
+        if self.n_frames:
+            if rec.stimulus is None:
+                raise RecordingError(rec.path, "stimulus", "no stimulus frames found; set data.n_frames=0 "
+                                     "to train on spikes (and behaviour) alone")
+            idx = np.unique(np.clip(rec.stimulus.index_at(t0[:: max(1, len(t0) // 256)]), 0, None))
+            frames = np.stack([rec.stimulus.read(i, i + 1)[0] for i in idx])
+            spec.n_frames, spec.frame_shape = self.n_frames, tuple(rec.stimulus.frame_shape)
+            spec.frame_mean, spec.frame_std = float(frames.mean()), float(frames.std() + 1e-6)
+        for name in self.behavior_names:
+            if name not in rec.behavior:
+                raise RecordingError(rec.path, f"behavior/{name}", f"not found; the file has {sorted(rec.behavior)}")
+            values = np.concatenate([r.behavior[name].at(t) for r, t in zip(self.recordings, train_starts)])
+            spec.behavior_dims.append(rec.behavior[name].dim)
+            spec.behavior_mean += values.mean(0).tolist()
+            spec.behavior_std += (values.std(0) + 1e-6).tolist()
+        return spec
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=already_batched,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,336 @@
+"""The Neuroformer: a multimodal generative GPT over spike tokens (Antoniades et al., ICLR 2024).
+
+Reading order: config, attention, the two kinds of block, the input encoders, the model.
+
+The model predicts the spikes of the current window token by token. Each token is a
+(unit ID, dt) pair; its embedding is the sum of an ID embedding, a learned dt (time-offset)
+embedding and a position embedding. A causal self-attention stack runs over the current
+tokens, and every block cross-attends to a context made of
+
+- the past window's spike tokens (encoded by a small non-causal transformer),
+- stimulus frames, cut into 3D (time x height x width) patches with learned positions,
+- behaviour samples,
+
+each encoded separately and concatenated, with PAD keys masked everywhere. Two heads read
+the next unit ID and the next dt. A symmetric (CLIP-style) contrastive loss aligns a pooled
+embedding of the current window's spikes with pooled stimulus (and optionally behaviour)
+embeddings, each through its own projection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroformer.data.tokenizer import PAD
+
+
+@dataclass
+class NeuroformerConfig:
+    """Sizes of a Neuroformer. Data-dependent sizes come from the data's ``InputSpec``."""
+
+    id_vocab_size: int
+    dt_vocab_size: int
+    block_size: int
+    past_block_size: int
+    n_embd: int = 128
+    n_head: int = 4
+    n_layer: int = 4
+    n_context_layer: int = 1
+    dropout: float = 0.1
+    n_frames: int = 0
+    frame_shape: tuple[int, int] | None = None
+    patch: tuple[int, int, int] = (1, 4, 4)
+    n_behavior: int = 0
+    behavior_steps: int = 0
+    contrastive_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        self.patch = tuple(self.patch)
+        if self.n_frames:
+            self.frame_shape = tuple(self.frame_shape)
+            dims = (self.n_frames, *self.frame_shape)
+            if any(d % p for d, p in zip(dims, self.patch)):
+                raise ValueError(f"frames (F, H, W) = {dims} must be divisible by patch {self.patch}")
+
+    @property
+    def n_patches(self) -> int:
+        if not self.n_frames:
+            return 0
+        f, h, w = self.n_frames, *self.frame_shape
+        pt, ph, pw = self.patch
+        return (f // pt) * (h // ph) * (w // pw)
+
+
+class ModelOutput(NamedTuple):
+    """What a forward pass returns.
+
+    Attributes:
+        id_logits: (B, T, id_vocab_size) next-ID logits at every current position.
+        dt_logits: (B, T, dt_vocab_size) next-dt logits.
+        neural: (B, D) unit-norm contrastive embedding of the current window, or None.
+        stimulus: (B, D) unit-norm contrastive embedding of the frames, or None.
+        behavior: (B, D) unit-norm contrastive embedding of the behaviour, or None.
+    """
+
+    id_logits: torch.Tensor
+    dt_logits: torch.Tensor
+    neural: torch.Tensor | None = None
+    stimulus: torch.Tensor | None = None
+    behavior: torch.Tensor | None = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries ``x`` over keys/values ``context`` (``x`` itself if None)."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.proj.is_residual = True
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, Tq, C); context: (B, Tk, C); mask: (B, 1, Tq, Tk) bool, True = may attend."""
+        context = x if context is None else context
+        B, Tq, C = x.shape
+        heads = lambda t: t.view(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
+        q = heads(self.q(x))  # (B, h, Tq, C/h)
+        k, v = (heads(t) for t in self.kv(context).split(C, dim=2))  # (B, h, Tk, C/h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, C))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, cfg: NeuroformerConfig):
+        proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        proj.is_residual = True
+        super().__init__(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), proj, nn.Dropout(cfg.dropout))
+
+
+class EncoderBlock(nn.Module):
+    """Non-causal self-attention + MLP (past window, frames, behaviour)."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), None, mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention over current tokens, cross-attention to the context, MLP."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.ln1, self.self_attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
+        self.ln2, self.cross_attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
+        self.ln3, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, context: torch.Tensor, cross_mask: torch.Tensor):
+        x = x + self.self_attn(self.ln1(x), None, self_mask)
+        x = x + self.cross_attn(self.ln2(x), context, cross_mask)
+        return x + self.mlp(self.ln3(x))
+
+
+class ContextEncoder(nn.Module):
+    """A stack of encoder blocks over one modality's tokens."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_context_layer))
+        self.ln = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C); keep: (B, N) bool, False for PAD -> (B, N, C)."""
+        mask = keep[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln(x)
+
+
+class FrameEncoder(nn.Module):
+    """Frames (B, F, H, W) -> patch tokens (B, N, C): 3D patch embedding + learned positions."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.patchify = nn.Conv3d(1, cfg.n_embd, kernel_size=cfg.patch, stride=cfg.patch)
+        self.pos = nn.Parameter(torch.zeros(cfg.n_patches, cfg.n_embd))
+        self.encoder = ContextEncoder(cfg)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.patchify(frames.unsqueeze(1)).flatten(2).transpose(1, 2) + self.pos  # (B, N, C)
+        return self.encoder(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
+
+class BehaviorEncoder(nn.Module):
+    """Behaviour samples (B, S, V) -> tokens (B, S, C)."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.embed = nn.Linear(cfg.n_behavior, cfg.n_embd)
+        self.pos = nn.Parameter(torch.zeros(cfg.behavior_steps, cfg.n_embd))
+        self.encoder = ContextEncoder(cfg)
+
+    def forward(self, behavior: torch.Tensor) -> torch.Tensor:
+        x = self.embed(behavior) + self.pos
+        return self.encoder(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of x (B, N, C) over positions where keep (B, N) is True -> (B, C)."""
+    w = keep.unsqueeze(-1).to(x.dtype)
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+class Neuroformer(nn.Module):
+    """Multimodal generative spike GPT. See the module docstring for the architecture."""
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.id_embedding = nn.Embedding(cfg.id_vocab_size, cfg.n_embd, padding_idx=PAD)
+        self.dt_embedding = nn.Embedding(cfg.dt_vocab_size, cfg.n_embd, padding_idx=PAD)
+        self.current_pos = nn.Parameter(torch.zeros(cfg.block_size, cfg.n_embd))
+        self.past_pos = nn.Parameter(torch.zeros(cfg.past_block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.past_encoder = ContextEncoder(cfg)
+        self.frames = FrameEncoder(cfg) if cfg.n_frames else None
+        self.behavior = BehaviorEncoder(cfg) if cfg.n_behavior else None
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.id_head = nn.Linear(cfg.n_embd, cfg.id_vocab_size, bias=False)
+        self.dt_head = nn.Linear(cfg.n_embd, cfg.dt_vocab_size, bias=False)
+        # Contrastive projections, one per modality, and a learned temperature.
+        self.neural_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim)
+        self.stimulus_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.frames else None
+        self.behavior_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.behavior else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.apply(self._init_weights)
+        for module in (self, self.frames, self.behavior):
+            for name, p in module.named_parameters(recurse=False) if module is not None else ():
+                if name.endswith("pos"):
+                    nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init; residual projections scaled down with depth so the stream's variance stays put.
+        if isinstance(module, (nn.Linear, nn.Conv3d)):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "is_residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            with torch.no_grad():
+                module.weight[PAD].zero_()
+
+    def embed(self, ids: torch.Tensor, dts: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Token embedding: ID + learned dt + position. ids, dts: (B, T) -> (B, T, C)."""
+        return self.drop(self.id_embedding(ids) + self.dt_embedding(dts) + pos[: ids.shape[1]])
+
+    def encode_context(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The cross-attention memory of a batch.
+
+        Returns:
+            context (B, N, C), keep (B, N) bool, and each modality's encoding by name.
+        """
+        keep_past = batch.past_ids != PAD
+        parts = {"past": self.past_encoder(self.embed(batch.past_ids, batch.past_dts, self.past_pos), keep_past)}
+        keeps = [keep_past]
+        if self.frames is not None:
+            parts["stimulus"] = self.frames(batch.frames)
+            keeps.append(torch.ones(parts["stimulus"].shape[:2], dtype=torch.bool, device=keep_past.device))
+        if self.behavior is not None:
+            parts["behavior"] = self.behavior(batch.behavior)
+            keeps.append(torch.ones(parts["behavior"].shape[:2], dtype=torch.bool, device=keep_past.device))
+        return torch.cat(list(parts.values()), dim=1), torch.cat(keeps, dim=1), parts
+
+    def forward(self, batch, contrastive: bool = False) -> ModelOutput:
+        """Next-token logits for every position of the current window.
+
+        Args:
+            batch: a ``Batch`` (ids/dts (B, T), past_ids/past_dts (B, P), frames (B, F, H, W)
+                if the model has a stimulus encoder, behavior (B, S, V) if it has a behaviour one).
+            contrastive: also return the unit-norm contrastive embeddings.
+        """
+        context, keep_ctx, parts = self.encode_context(batch)
+        ids, T = batch.ids, batch.ids.shape[1]
+        keep = ids != PAD
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        self_mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, T, T)
+        cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
+        x = self.embed(ids, batch.dts, self.current_pos)
+        for block in self.blocks:
+            x = block(x, self_mask, context, cross_mask)
+        x = self.ln_f(x)
+        out = ModelOutput(self.id_head(x), self.dt_head(x))
+        if not contrastive:
+            return out
+        # The current window's own spikes, encoded without the context, stand for the neural side.
+        real = keep & (batch.target_ids != PAD)
+        neural = masked_mean(self.past_encoder(self.embed(ids, batch.dts, self.current_pos), keep), real)
+        unit = lambda proj, h: F.normalize(proj(h), dim=-1)  # noqa: E731
+        return out._replace(
+            neural=unit(self.neural_proj, neural),
+            stimulus=unit(self.stimulus_proj, parts["stimulus"].mean(1)) if self.frames else None,
+            behavior=unit(self.behavior_proj, parts["behavior"].mean(1)) if self.behavior else None,
+        )
+
+    def losses(self, out: ModelOutput, batch) -> dict[str, torch.Tensor]:
+        """Mean token cross-entropies (PAD targets ignored) and the contrastive loss, if any."""
+        losses = {
+            "id_ce": F.cross_entropy(out.id_logits.flatten(0, 1), batch.target_ids.flatten(), ignore_index=PAD),
+            "dt_ce": F.cross_entropy(out.dt_logits.flatten(0, 1), batch.target_dts.flatten(), ignore_index=PAD),
+        }
+        pairs = [m for m in (out.stimulus, out.behavior) if m is not None]
+        if out.neural is not None and pairs and out.neural.shape[0] > 1:
+            scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+            losses["contrastive"] = sum(clip_loss(out.neural, m, scale) for m in pairs) / len(pairs)
+        return losses
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices of Linear/Conv layers; not biases, norms, embeddings."""
+        decay, no_decay = [], []
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                is_matrix = name == "weight" and isinstance(module, (nn.Linear, nn.Conv3d))
+                (decay if is_matrix else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def hparams(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def build(cls, spec, **hparams) -> Neuroformer:
+        """A model sized for the data described by ``spec`` (an ``InputSpec``)."""
+        tok = spec.tokenizer
+        cfg = NeuroformerConfig(
+            id_vocab_size=spec.vocab.size,
+            dt_vocab_size=tok.dt_vocab_size,
+            block_size=tok.max_tokens,
+            past_block_size=tok.max_past_tokens,
+            n_frames=spec.n_frames,
+            frame_shape=spec.frame_shape,
+            n_behavior=spec.n_behavior,
+            behavior_steps=spec.behavior_steps if spec.n_behavior else 0,
+            **hparams,
+        )
+        return cls(cfg)
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between matched rows of unit-norm embeddings a, b (B, D)."""
+    logits = scale * a @ b.T  # (B, B); the diagonal holds the matched pairs
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

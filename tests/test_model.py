@@ -1,0 +1,98 @@
+"""Model: causality, PAD masking, contrastive loss, parameter groups."""
+
+import torch
+
+from neuroformer.data.dataset import Batch
+from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
+from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
+
+T, P, V, DT = 12, 20, 10 + N_SPECIAL, 13
+
+
+def make_model(**kw) -> Neuroformer:
+    cfg = NeuroformerConfig(id_vocab_size=V, dt_vocab_size=DT, block_size=T, past_block_size=P, n_embd=32,
+                            n_head=4, n_layer=2, dropout=0.0, n_frames=2, frame_shape=(8, 8), patch=(1, 4, 4),
+                            n_behavior=1, behavior_steps=4, **kw)
+    torch.manual_seed(0)
+    return Neuroformer(cfg).eval()
+
+
+def make_batch(b=3, n_cur=7, n_past=11, seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((b, T), PAD)
+    dts = torch.full((b, T), PAD)
+    ids[:, 0], dts[:, 0] = SOS, SOS
+    ids[:, 1:n_cur] = torch.randint(N_SPECIAL, V, (b, n_cur - 1), generator=g)
+    dts[:, 1:n_cur] = torch.randint(N_SPECIAL, DT, (b, n_cur - 1), generator=g).sort(dim=1).values
+    tgt_ids, tgt_dts = torch.full_like(ids, PAD), torch.full_like(dts, PAD)
+    tgt_ids[:, : n_cur - 1], tgt_dts[:, : n_cur - 1] = ids[:, 1:n_cur], dts[:, 1:n_cur]
+    tgt_ids[:, n_cur - 1], tgt_dts[:, n_cur - 1] = EOS, EOS
+    past_ids = torch.full((b, P), PAD)
+    past_dts = torch.full((b, P), PAD)
+    past_ids[:, 0], past_dts[:, 0] = SOS, SOS
+    past_ids[:, 1:n_past] = torch.randint(N_SPECIAL, V, (b, n_past - 1), generator=g)
+    past_dts[:, 1:n_past] = torch.randint(N_SPECIAL, DT, (b, n_past - 1), generator=g)
+    return Batch(ids, dts, tgt_ids, tgt_dts, past_ids, past_dts, torch.randn(b, 2, 8, 8, generator=g),
+                 torch.randn(b, 4, 1, generator=g), torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.long))
+
+
+def test_changing_a_future_token_never_changes_earlier_predictions():
+    model, batch = make_model(), make_batch()
+    out = model(batch)
+    for k in range(1, 6):
+        ids = batch.ids.clone()
+        ids[:, k] = (ids[:, k] - N_SPECIAL + 1) % (V - N_SPECIAL) + N_SPECIAL
+        dts = batch.dts.clone()
+        dts[:, k] = (dts[:, k] - N_SPECIAL + 3) % (DT - N_SPECIAL) + N_SPECIAL
+        changed = model(batch._replace(ids=ids, dts=dts))
+        torch.testing.assert_close(changed.id_logits[:, :k], out.id_logits[:, :k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(changed.dt_logits[:, :k], out.dt_logits[:, :k], rtol=0, atol=1e-6)
+        assert not torch.allclose(changed.id_logits[:, k], out.id_logits[:, k])  # the change is seen
+
+
+def test_padding_never_changes_outputs():
+    model, batch = make_model(), make_batch(n_cur=5, n_past=9)
+    out = model(batch)
+    # Garbage in PAD slots' dt tokens and a different amount of padding change nothing real.
+    noisy_past_dts = torch.where(batch.past_ids == PAD, torch.randint_like(batch.past_dts, N_SPECIAL, DT), batch.past_dts)
+    changed = model(batch._replace(past_dts=noisy_past_dts))
+    torch.testing.assert_close(changed.id_logits[:, :5], out.id_logits[:, :5], rtol=0, atol=1e-6)
+    shorter = model(batch._replace(ids=batch.ids[:, :6], dts=batch.dts[:, :6], past_ids=batch.past_ids[:, :9],
+                                   past_dts=batch.past_dts[:, :9]))
+    torch.testing.assert_close(shorter.id_logits[:, :5], out.id_logits[:, :5], rtol=1e-5, atol=1e-5)
+    # ...while a real past token does change the outputs.
+    past = batch.past_ids.clone()
+    past[:, 1] = (past[:, 1] - N_SPECIAL + 1) % (V - N_SPECIAL) + N_SPECIAL
+    assert not torch.allclose(model(batch._replace(past_ids=past)).id_logits[:, :5], out.id_logits[:, :5])
+
+
+def test_every_modality_reaches_the_prediction():
+    model, batch = make_model(), make_batch()
+    out = model(batch).id_logits
+    assert not torch.allclose(model(batch._replace(frames=batch.frames + 1)).id_logits, out)
+    assert not torch.allclose(model(batch._replace(behavior=batch.behavior + 1)).id_logits, out)
+
+
+def test_losses_and_contrastive_gradients():
+    model, batch = make_model(), make_batch(b=4)
+    model.train()
+    out = model(batch, contrastive=True)
+    assert out.neural.shape == out.stimulus.shape == out.behavior.shape == (4, 64)
+    torch.testing.assert_close(out.neural.norm(dim=-1), torch.ones(4))
+    losses = model.losses(out, batch)
+    assert set(losses) == {"id_ce", "dt_ce", "contrastive"}
+    # id_ce is the mean over non-PAD targets only.
+    real = batch.target_ids != PAD
+    manual = torch.nn.functional.cross_entropy(out.id_logits[real], batch.target_ids[real])
+    torch.testing.assert_close(losses["id_ce"], manual)
+    losses["contrastive"].backward()
+    assert model.stimulus_proj.weight.grad.abs().sum() > 0 and model.neural_proj.weight.grad.abs().sum() > 0
+
+
+def test_decay_groups_cover_every_parameter_once():
+    model = make_model()
+    decay, no_decay = model.param_groups(0.1)
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.id_embedding.weight for p in no_decay["params"])
