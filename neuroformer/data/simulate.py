@@ -1,0 +1,704 @@
+"""Simulated mouse-V1 recordings with known ground truth, written as NWB.
+
+A population of linear-nonlinear-Poisson units watches a movie while the mouse runs:
+
+* **Units** are ON or OFF centre-surround cells, direction-selective (DS) cells with a
+  drifting-Gabor spatiotemporal filter, or untuned. Each unit's log-rate is
+  ``baseline + stimulus drive + speed_gain * speed / SPEED_REF + synaptic input +
+  refractoriness``, and it fires at most once per ``dt`` bin (Bernoulli), capped at
+  ``max_rate``.
+* **Synapses** are directed, obey Dale's law and form a few hubs plus sparse random links;
+  a presynaptic spike adds ``weight`` to the target's log-rate one bin later, decaying with
+  ``syn_tau``.
+* **Stimulus**: alternating blocks of drifting gratings and natural-like (1/f, temporally
+  smooth) noise, interleaved with a few fixed clips that repeat through the session.
+* **Behaviour**: running speed, a rectified Ornstein-Uhlenbeck process with run/rest bouts.
+
+The NWB file holds everything the project's reader needs (units, ``movie`` stimulus,
+``behavior/BehavioralTimeSeries/running_speed``, trials) and the ground truth: per-unit
+columns of the Units table and the ``ground_truth/synapses`` table, read back by
+:func:`load_ground_truth`. The same seed and config give byte-identical spike times.
+
+Run ``python -m neuroformer.data.simulate --out sim.nwb`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from hdmf.backends.hdf5 import H5DataIO
+from hdmf.common import DynamicTable, VectorData
+from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+from pynwb.behavior import BehavioralTimeSeries
+from pynwb.file import Subject
+from pynwb.image import ImageSeries
+from pynwb.misc import Units
+from scipy.signal import lfilter
+
+from neuroformer.errors import RecordingError
+
+CELL_TYPES = ("ON", "OFF", "DS", "untuned")
+GRATING_DIRECTIONS = np.arange(0.0, 360.0, 45.0)  # degrees; 0 = rightward, 90 = upward
+SPEED_REF = 20.0  # cm/s: speed_gain is the log-rate change per SPEED_REF of running
+SESSION_START = datetime(2024, 1, 15, 9, 0, 0, tzinfo=timezone.utc)
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A config field whose help text also documents the CLI option."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Parameters of one simulated session (every one is also a CLI option)."""
+
+    seed: int = _opt(0, "random seed: same seed and config give identical spikes")
+    n_units: int = _opt(120, "number of units")
+    duration: float = _opt(600.0, "session length, s")
+    frame_rate: float = _opt(20.0, "stimulus frame rate, Hz")
+    frame_size: int = _opt(32, "stimulus frames are frame_size x frame_size pixels")
+    dt: float = _opt(0.001, "simulation bin, s (at most one spike per unit per bin)")
+    mean_rate: float = _opt(6.5, "mean of the per-unit target rates before coupling, Hz")
+    max_rate: float = _opt(200.0, "firing-rate ceiling, Hz")
+    frac_on: float = _opt(0.3, "fraction of ON centre-surround units")
+    frac_off: float = _opt(0.3, "fraction of OFF centre-surround units")
+    frac_ds: float = _opt(0.25, "fraction of direction-selective units (rest: untuned)")
+    frac_excitatory: float = _opt(0.8, "fraction of excitatory units (Dale's law)")
+    link_prob: float = _opt(0.03, "probability of a random directed link")
+    hub_fraction: float = _opt(0.03, "fraction of hub units (at least one)")
+    hub_link_prob: float = _opt(0.3, "probability that a hub projects to a given unit")
+    syn_tau: float = _opt(0.005, "decay time constant of a synaptic input, s")
+    behavior_rate: float = _opt(50.0, "running-speed sampling rate, Hz")
+    n_clips: int = _opt(4, "number of distinct repeated clips")
+    clip_duration: float = _opt(2.0, "length of a repeated clip, s")
+    block_min: float = _opt(2.0, "shortest grating/noise block, s")
+    block_max: float = _opt(4.0, "longest grating/noise block, s")
+    repeat_prob: float = _opt(0.35, "probability of a repeated clip after each block")
+
+    def __post_init__(self) -> None:
+        positive = ("n_units", "duration", "frame_rate", "frame_size", "dt", "mean_rate",
+                    "max_rate", "syn_tau", "behavior_rate", "clip_duration", "block_min")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.frac_on + self.frac_off + self.frac_ds > 1 + 1e-9:
+            raise ValueError("frac_on + frac_off + frac_ds must be at most 1")
+        if self.block_max < self.block_min:
+            raise ValueError("block_max must be >= block_min")
+        if self.dt * self.max_rate >= 1 or self.dt > 0.5 / self.frame_rate:
+            raise ValueError("dt too coarse for max_rate or frame_rate")
+        if self.n_clips < 1:
+            raise ValueError("n_clips must be >= 1")
+
+    def identifier(self) -> str:
+        """Deterministic file identifier: seed plus a hash of the whole config."""
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        return f"neuroformer-sim-seed{self.seed}-{digest.hexdigest()[:10]}"
+
+
+@dataclass
+class GroundTruth:
+    """What generated the spikes; unit ``i`` is row ``i`` of the Units table.
+
+    Attributes:
+        connectivity: (N, N) float64, ``[pre, post]`` = increment of the post unit's
+            log-rate right after a pre spike (0 = no link; > 0 excitatory, < 0 inhibitory).
+        cell_types: (N,) str, one of ``CELL_TYPES``.
+        is_excitatory: (N,) bool, sign of every outgoing link (Dale's law).
+        receptive_fields: (N, H, W) float32, spatial filter at the temporal kernel's peak
+            lag, log-rate per unit of contrast ((pixel - 128) / 128); zeros if untuned.
+        preferred_direction: (N,) float64 degrees (0 = rightward, 90 = upward); NaN if
+            not direction selective.
+        speed_gain: (N,) float64 log-rate change per ``SPEED_REF`` cm/s of running.
+        baseline_rate: (N,) float64 Hz, rate with no stimulus drive, running or input.
+    """
+
+    connectivity: np.ndarray
+    cell_types: np.ndarray
+    is_excitatory: np.ndarray
+    receptive_fields: np.ndarray
+    preferred_direction: np.ndarray
+    speed_gain: np.ndarray
+    baseline_rate: np.ndarray
+
+    @property
+    def n_units(self) -> int:
+        return len(self.cell_types)
+
+    def links(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pre, post, weight) of every link, each (n_links,), sorted by pre then post."""
+        pre, post = np.nonzero(self.connectivity)
+        return pre, post, self.connectivity[pre, post]
+
+
+@dataclass
+class Simulation:
+    """A simulated session held in memory (what :func:`write_nwb` stores).
+
+    Attributes:
+        config: the parameters it was made with.
+        spike_times: per unit, (n_i,) float64 seconds in [0, duration), sorted.
+        frames: (n_frames, H, W) uint8 movie, frame ``k`` shown from ``k / frame_rate``.
+        speed: (n_samples,) float64 running speed, cm/s, sample ``k`` at ``k / behavior_rate``.
+        trials: column name -> (n_trials,) array: ``start_time``, ``stop_time``,
+            ``stimulus_type``, ``clip_id``, ``direction``, ``spatial_frequency``,
+            ``temporal_frequency``.
+        ground_truth: the population that produced the spikes.
+    """
+
+    config: SimulationConfig
+    spike_times: list[np.ndarray]
+    frames: np.ndarray
+    speed: np.ndarray
+    trials: dict[str, np.ndarray]
+    ground_truth: GroundTruth
+
+
+@dataclass
+class _Population:
+    """Model parameters: the ground truth plus what is needed to run it.
+
+    Attributes:
+        truth: the stored ground truth.
+        filters: (K, H*W, N) float32 spatiotemporal filters, lag 0 = frame on screen.
+        log_baseline: (N,) float64 log of the baseline rate.
+    """
+
+    truth: GroundTruth
+    filters: np.ndarray
+    log_baseline: np.ndarray
+
+
+# --------------------------------------------------------------------------- stimulus
+
+
+def _gamma_bump(t: np.ndarray, peak: float | np.ndarray) -> np.ndarray:
+    """Smooth causal bump, 1 at ``t = peak`` (gamma shape 3)."""
+    x = t / peak
+    return x**3 * np.exp(3.0 * (1.0 - x))
+
+
+def _natural_movie(rng: np.random.Generator, n: int, size: int, frame_rate: float) -> np.ndarray:
+    """(n, size, size) float grey-level offsets: 1/f spatial noise, AR(1)-smooth in time."""
+    a = math.exp(-1.0 / (frame_rate * 0.2))  # 200 ms correlation time
+    white = rng.standard_normal((n, size, size))
+    start = rng.standard_normal((1, size, size))  # stationary start
+    smooth = lfilter([math.sqrt(1 - a * a)], [1.0, -a], white, axis=0, zi=a * start)[0]
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij"))
+    amp = 1.0 / np.maximum(f, 1.0 / size)
+    amp[0, 0] = 3.0 * size  # strong full-field luminance changes drive ON/OFF cells apart
+    movie = np.fft.ifft2(np.fft.fft2(smooth) * amp).real
+    return movie * (55.0 / np.sqrt(np.mean(amp**2)))  # 55 grey levels rms contrast
+
+
+def _grating(n: int, size: int, frame_rate: float, direction: float, sf: float, tf: float,
+             phase: float) -> np.ndarray:
+    """(n, size, size) grey-level offsets of a sinusoid drifting towards ``direction``."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(float)
+    theta = np.deg2rad(direction)
+    proj = cols * np.cos(theta) - rows * np.sin(theta)  # row 0 is the top: y = -row
+    t = np.arange(n)[:, None, None] / frame_rate
+    return 80.0 * np.cos(2 * np.pi * (sf * proj - tf * t) + phase)
+
+
+def _make_stimulus(rng: np.random.Generator, cfg: SimulationConfig, n_frames: int
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The movie and its trials: one trial per grating/noise block or clip presentation.
+
+    Returns:
+        frames: (n_frames, S, S) uint8.
+        trials: column -> (n_trials,) array (see :class:`Simulation`).
+    """
+    size, fr = cfg.frame_size, cfg.frame_rate
+    clip_len = max(1, round(cfg.clip_duration * fr))
+    clips = [_natural_movie(rng, clip_len, size, fr) for _ in range(cfg.n_clips)]
+    frames = np.empty((n_frames, size, size), np.uint8)
+    rows: list[tuple[int, int, str, int, float, float, float]] = []
+    pos, grating_next = 0, True
+    while pos < n_frames:
+        if rows and rows[-1][2] != "repeat" and rng.random() < cfg.repeat_prob:
+            clip = int(rng.integers(cfg.n_clips))
+            movie, row = clips[clip], ("repeat", clip, np.nan, np.nan, np.nan)
+        else:
+            n = max(1, round(rng.uniform(cfg.block_min, cfg.block_max) * fr))
+            if grating_next:
+                direction = float(rng.choice(GRATING_DIRECTIONS))
+                sf = float(rng.choice([0.04, 0.08])) * 32 / size  # 1.3 or 2.6 cycles/frame
+                tf = float(rng.choice([1.0, 2.0]))
+                movie = _grating(n, size, fr, direction, sf, tf, rng.uniform(0, 2 * np.pi))
+                row = ("grating", -1, direction, sf, tf)
+            else:
+                movie, row = _natural_movie(rng, n, size, fr), ("noise", -1, np.nan, np.nan, np.nan)
+            grating_next = not grating_next
+        stop = min(pos + len(movie), n_frames)
+        frames[pos:stop] = np.clip(np.rint(128.0 + movie[: stop - pos]), 0, 255)
+        rows.append((pos, stop, *row))
+        pos = stop
+    cols = list(zip(*rows))
+    trials = {
+        "start_time": np.array(cols[0], float) / fr,
+        "stop_time": np.array(cols[1], float) / fr,
+        "stimulus_type": np.array(cols[2], dtype=str),
+        "clip_id": np.array(cols[3], np.int64),
+        "direction": np.array(cols[4], float),
+        "spatial_frequency": np.array(cols[5], float),
+        "temporal_frequency": np.array(cols[6], float),
+    }
+    return frames, trials
+
+
+def _make_speed(rng: np.random.Generator, cfg: SimulationConfig, n: int) -> np.ndarray:
+    """(n,) running speed, cm/s: rectified OU relaxing to a per-bout target, run/rest bouts."""
+    dt = 1.0 / cfg.behavior_rate
+    tau, mean_run, mean_rest = 0.8, 8.0, 12.0  # s: relaxation time, mean bout lengths
+    running = rng.random() < mean_run / (mean_run + mean_rest)
+    target, sigma = (rng.uniform(15, 35), 6.0) if running else (-8.0, 3.0)
+    noise = rng.standard_normal(n)
+    switch = rng.random(n)
+    v = max(target, 0.0)
+    speed = np.empty(n)
+    for k in range(n):
+        if switch[k] < dt / (mean_run if running else mean_rest):
+            running = not running
+            target, sigma = (rng.uniform(15, 35), 6.0) if running else (-8.0, 3.0)
+        v += (target - v) * dt / tau + sigma * math.sqrt(2 * dt / tau) * noise[k]
+        speed[k] = max(v, 0.0)
+    return speed
+
+
+def _stimulus_drive(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
+    """(n_frames, N) float64 filter output per frame; frames before the first are grey."""
+    n_frames = len(frames)
+    x = (frames.reshape(n_frames, -1).astype(np.float32) - 128.0) / 128.0
+    drive = np.zeros((n_frames, filters.shape[2]))
+    for lag in range(min(len(filters), n_frames)):
+        drive[lag:] += x[: n_frames - lag] @ filters[lag]
+    return drive
+
+
+# --------------------------------------------------------------------------- population
+
+
+def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
+                     cfg: SimulationConfig) -> _Population:
+    """Draw cell types, filters, gains and synapses, then calibrate the rates.
+
+    Filters are scaled so the stimulus drive has a per-unit std of 1.2-1.6 (log-rate), and
+    baselines so the mean rate matches a per-unit target, both on a reference stimulus and
+    speed trace drawn from ``calib_rng`` (so the population does not depend on duration).
+    """
+    n, size, fr = cfg.n_units, cfg.frame_size, cfg.frame_rate
+    counts = [round(cfg.frac_on * n), round(cfg.frac_off * n), round(cfg.frac_ds * n)]
+    counts[2] = min(counts[2], n - counts[0] - counts[1])
+    types = np.repeat(np.array(CELL_TYPES), counts + [n - sum(counts)])[rng.permutation(n)]
+
+    # Temporal kernels over the last K frames (about 300 ms).
+    n_lags = max(2, math.ceil(0.3 * fr))
+    t = (np.arange(n_lags) + 0.5) / fr
+    scale = size / 32.0  # spatial parameters are given for a 32-pixel frame
+    rows, cols = np.mgrid[0:size, 0:size].astype(float)
+    filters = np.zeros((n_lags, size * size, n), np.float32)
+    preferred = np.full(n, np.nan)
+    for i, kind in enumerate(types):
+        cy, cx = rng.uniform(2 * scale, size - 1 - 2 * scale, 2)
+        y, x = -(rows - cy), cols - cx
+        r2 = x**2 + y**2
+        if kind in ("ON", "OFF"):
+            sc = rng.uniform(1.0, 2.0) * scale
+            ss = 2.5 * sc
+            dog = np.exp(-r2 / (2 * sc**2)) / sc**2 - 0.6 * np.exp(-r2 / (2 * ss**2)) / ss**2
+            temporal = _gamma_bump(t, rng.uniform(0.05, 0.08)) - rng.uniform(
+                0.2, 0.4) * _gamma_bump(t, rng.uniform(0.14, 0.2))
+            sign = 1.0 if kind == "ON" else -1.0
+            st = sign * temporal[:, None, None] * dog[None] / np.abs(temporal).max()
+        elif kind == "DS":
+            preferred[i] = float(rng.choice(GRATING_DIRECTIONS))
+            theta = np.deg2rad(preferred[i])
+            proj = x * np.cos(theta) + y * np.sin(theta)
+            sf = rng.uniform(0.04, 0.08) / scale
+            tf = rng.uniform(1.5, 3.0)
+            env = np.exp(-r2 / (2 * (rng.uniform(2.5, 4.0) * scale) ** 2))
+            # Phase advancing with lag along +proj: a space-time oriented filter that
+            # matches (and so responds to) motion towards ``preferred`` only.
+            st = (_gamma_bump(t, rng.uniform(0.07, 0.1))[:, None, None] * env
+                  * np.cos(2 * np.pi * (sf * proj[None] + tf * t[:, None, None])))
+        else:
+            continue
+        filters[:, :, i] = st.reshape(n_lags, -1)
+
+    speed_gain = np.clip(rng.normal(0.5, 0.4, n), -0.5, 1.5)
+    target = cfg.mean_rate * np.exp(0.5 * rng.standard_normal(n) - 0.125)
+    drive_std = rng.uniform(1.2, 1.6, n)
+
+    is_exc = np.zeros(n, bool)
+    is_exc[rng.permutation(n)[: round(cfg.frac_excitatory * n)]] = True
+    linked = rng.random((n, n)) < cfg.link_prob
+    hubs = rng.permutation(n)[: max(1, round(cfg.hub_fraction * n))]
+    linked[hubs] |= rng.random((len(hubs), n)) < cfg.hub_link_prob
+    np.fill_diagonal(linked, False)
+    # Excitatory links multiply the target's rate by 2-3.3x at their peak.
+    weight = np.where(is_exc[:, None], rng.uniform(0.7, 1.2, (n, n)),
+                      -rng.uniform(1.0, 2.0, (n, n)))
+    connectivity = np.where(linked, weight, 0.0)
+
+    # Calibrate on a reference session (120 s of stimulus and running).
+    ref_frames, _ = _make_stimulus(calib_rng, cfg, round(120 * fr))
+    ref_speed = _make_speed(calib_rng, cfg, round(120 * cfg.behavior_rate))
+    drive = _stimulus_drive(ref_frames, filters)
+    sd = drive.std(axis=0)
+    gain = np.divide(drive_std, sd, out=np.zeros(n), where=sd > 0)  # untuned units stay 0
+    filters *= gain.astype(np.float32)
+    drive *= gain
+    speed_at_frames = np.interp(np.arange(len(ref_frames)) / fr,
+                                np.arange(len(ref_speed)) / cfg.behavior_rate, ref_speed)
+    modulation = np.exp(drive + np.outer(speed_at_frames / SPEED_REF, speed_gain)).mean(axis=0)
+    log_baseline = np.log(target / modulation)
+
+    peak = np.abs(filters).sum(axis=1).argmax(axis=0)  # (N,) lag of each unit's strongest filter
+    truth = GroundTruth(
+        connectivity=connectivity,
+        cell_types=types,
+        is_excitatory=is_exc,
+        receptive_fields=filters[peak, :, np.arange(n)].reshape(n, size, size),
+        preferred_direction=preferred,
+        speed_gain=speed_gain,
+        baseline_rate=np.exp(log_baseline),
+    )
+    return _Population(truth, filters, log_baseline)
+
+
+# --------------------------------------------------------------------------- spiking
+
+
+def _refractory_table(dt: float) -> np.ndarray:
+    """(L + 1,) log-rate term indexed by bins since the last spike (L = recovered).
+
+    No spike within 2 ms, then a relative refractory period recovering with tau 4 ms.
+    """
+    lag = np.arange(1, math.ceil(0.03 / dt) + 1) * dt
+    table = np.concatenate([[0.0], -3.0 * np.exp(-(lag - 0.002) / 0.004), [0.0]])
+    table[1:-1][lag <= 0.002 + 1e-12] = -np.inf
+    return table
+
+
+def _progress(chunks: range, enabled: bool) -> Iterable[int]:
+    """``chunks`` wrapped in a tqdm bar (or a plain stderr percentage) if enabled."""
+    if not enabled:
+        return chunks
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _plain_progress(chunks)
+    return tqdm(chunks, desc="simulating", unit="s", leave=False)
+
+
+def _plain_progress(chunks: range) -> Iterator[int]:
+    step = max(1, len(chunks) // 10)
+    for k, chunk in enumerate(chunks):
+        if k % step == 0:
+            print(f"simulating: {100 * k // len(chunks)}%", file=sys.stderr, flush=True)
+        yield chunk
+
+
+def _run_network(rng: np.random.Generator, pop: _Population, drive: np.ndarray,
+                 speed: np.ndarray, cfg: SimulationConfig, progress: bool) -> list[np.ndarray]:
+    """Simulate the coupled Bernoulli GLM bin by bin; returns per-unit spike times.
+
+    Args:
+        drive: (n_frames, N) stimulus drive per frame.
+        speed: (n_samples,) running speed at ``cfg.behavior_rate``.
+    """
+    n, dt = cfg.n_units, cfg.dt
+    n_bins = round(cfg.duration / dt)
+    weights = pop.truth.connectivity
+    decay = math.exp(-dt / cfg.syn_tau)
+    history = _refractory_table(dt)
+    recovered = len(history) - 1
+    since = np.full(n, recovered)  # bins since each unit's last spike, capped
+    syn = np.zeros(n)  # synaptic input to each unit (log-rate)
+    log_max = math.log(cfg.max_rate)
+    speed_times = np.arange(len(speed)) / cfg.behavior_rate
+    chunk = round(1.0 / dt)  # one second of bins per vectorised chunk
+    all_bins, all_units, all_offsets = [], [], []
+    for start in _progress(range(0, n_bins, chunk), progress):
+        bins = np.arange(start, min(start + chunk, n_bins))
+        centre = (bins + 0.5) * dt
+        frame = np.minimum((centre * cfg.frame_rate).astype(np.int64), len(drive) - 1)
+        external = (pop.log_baseline + drive[frame]
+                    + np.outer(np.interp(centre, speed_times, speed) / SPEED_REF,
+                               pop.truth.speed_gain))
+        # Spike iff min(rate, max_rate) * dt > Exp(1), i.e. with p = 1 - exp(-rate dt):
+        # comparing log-rates to log thresholds keeps the loop free of exp().
+        threshold = np.log(rng.standard_exponential((len(bins), n)) / dt)
+        threshold[threshold >= log_max] = np.inf
+        spikes = np.empty((len(bins), n), bool)
+        for k in range(len(bins)):
+            since += 1
+            np.minimum(since, recovered, out=since)
+            log_rate = external[k] + syn
+            log_rate += history[since]
+            fired = np.greater(log_rate, threshold[k], out=spikes[k])
+            since[fired] = 0
+            syn *= decay
+            if fired.any():
+                syn += weights[fired].sum(axis=0)
+        hit_bins, hit_units = np.nonzero(spikes)
+        all_bins.append(hit_bins + start)
+        all_units.append(hit_units)
+        all_offsets.append(rng.random(len(hit_bins)))  # spike time within its bin
+    units = np.concatenate(all_units)
+    times = (np.concatenate(all_bins) + np.concatenate(all_offsets)) * dt
+    order = np.argsort(units, kind="stable")  # keeps each unit's spikes in time order
+    return np.split(times[order], np.cumsum(np.bincount(units, minlength=n))[:-1])
+
+
+def simulate(config: SimulationConfig = SimulationConfig(), progress: bool = False) -> Simulation:
+    """Simulate a session in memory (see :func:`simulate_recording` to write it)."""
+    pop_ss, calib_ss, stim_ss, behav_ss, spike_ss = np.random.SeedSequence(config.seed).spawn(5)
+    pop = _make_population(np.random.default_rng(pop_ss), np.random.default_rng(calib_ss), config)
+    frames, trials = _make_stimulus(np.random.default_rng(stim_ss), config,
+                                    round(config.duration * config.frame_rate))
+    speed = _make_speed(np.random.default_rng(behav_ss), config,
+                        round(config.duration * config.behavior_rate))
+    drive = _stimulus_drive(frames, pop.filters)
+    spikes = _run_network(np.random.default_rng(spike_ss), pop, drive, speed, config, progress)
+    return Simulation(config, spikes, frames, speed, trials, pop.truth)
+
+
+# --------------------------------------------------------------------------- NWB
+
+
+def _to_nwbfile(sim: Simulation) -> NWBFile:
+    cfg, truth = sim.config, sim.ground_truth
+    nwb = NWBFile(
+        session_description=(
+            "Simulated mouse V1 population (linear-nonlinear-Poisson units coupled by "
+            "directed synapses) viewing drifting gratings, natural-like noise and repeated "
+            "clips while running on a wheel."),
+        identifier=cfg.identifier(),
+        session_start_time=SESSION_START,
+        session_id=f"sim-seed{cfg.seed}",
+        experimenter=["Simulator, Neuroformer"],
+        lab="neuroformer",
+        institution="neuroformer project (simulated data)",
+        experiment_description=(
+            "Synthetic benchmark with known ground truth (cell types, receptive fields, "
+            "direction tuning, speed gains, synaptic connectivity) for testing models."),
+        keywords=["simulation", "ground truth", "visual cortex", "V1", "spikes", "running"],
+        notes="neuroformer.data.simulate config: " + json.dumps(dataclasses.asdict(cfg)),
+        source_script="neuroformer.data.simulate",
+        source_script_file_name="simulate.py",
+        subject=Subject(
+            subject_id=f"sim-mouse-{cfg.seed}",
+            species="Mus musculus",
+            age="P90D",
+            sex="U",
+            description="Simulated subject.",
+        ),
+    )
+
+    nwb.units = Units(
+        name="units",
+        description="Simulated units; spike times are uniform within their simulation bin.",
+        resolution=cfg.dt,
+    )
+    columns = {
+        "cell_type": "functional type: ON, OFF (centre-surround), DS (direction selective) "
+                     "or untuned",
+        "is_excitatory": "True if the unit's outgoing synapses are excitatory (Dale's law)",
+        "preferred_direction": "preferred motion direction of DS units, degrees (0 = rightward, "
+                               "90 = upward on screen); NaN if not direction selective",
+        "speed_gain": f"change of log firing rate per {SPEED_REF:g} cm/s of running speed",
+        "baseline_rate": "firing rate without stimulus drive, running or synaptic input, Hz",
+        "receptive_field": "spatial filter (frame_size x frame_size) at the peak lag of the "
+                           "temporal kernel, log-rate per unit contrast ((pixel-128)/128)",
+        "location": "brain area of the unit",
+    }
+    for name, description in columns.items():
+        nwb.add_unit_column(name=name, description=description)
+    for i in range(truth.n_units):
+        nwb.add_unit(
+            id=i,
+            spike_times=sim.spike_times[i],
+            cell_type=str(truth.cell_types[i]),
+            is_excitatory=bool(truth.is_excitatory[i]),
+            preferred_direction=float(truth.preferred_direction[i]),
+            speed_gain=float(truth.speed_gain[i]),
+            baseline_rate=float(truth.baseline_rate[i]),
+            receptive_field=truth.receptive_fields[i],
+            location="simulated V1",
+        )
+
+    chunk_frames = min(8, len(sim.frames))
+    nwb.add_stimulus(ImageSeries(
+        name="movie",
+        description="Grey-scale movie: drifting gratings, natural-like 1/f noise and "
+                    "repeated clips (see trials); mean grey 128.",
+        data=H5DataIO(sim.frames, chunks=(chunk_frames, cfg.frame_size, cfg.frame_size),
+                      compression="gzip", compression_opts=4),
+        unit="grey level (0-255)",
+        format="raw",
+        rate=cfg.frame_rate,
+        starting_time=0.0,
+    ))
+
+    behavior = nwb.create_processing_module("behavior", "Running on a wheel.")
+    behavior.add(BehavioralTimeSeries(time_series=TimeSeries(
+        name="running_speed",
+        description="Running speed on the wheel.",
+        data=sim.speed,
+        unit="cm/s",
+        rate=cfg.behavior_rate,
+        starting_time=0.0,
+    )))
+
+    trial_columns = {
+        "stimulus_type": "grating, noise (natural-like 1/f movie) or repeat (a fixed clip)",
+        "clip_id": "index of the repeated clip, -1 if not a repeat",
+        "direction": "grating drift direction, degrees (0 = rightward, 90 = upward); NaN if "
+                     "not a grating",
+        "spatial_frequency": "grating spatial frequency, cycles per pixel; NaN if not a grating",
+        "temporal_frequency": "grating temporal frequency, Hz; NaN if not a grating",
+    }
+    for name, description in trial_columns.items():
+        nwb.add_trial_column(name=name, description=description)
+    n_trials = len(sim.trials["start_time"])
+    for k in range(n_trials):
+        nwb.add_trial(**{name: values[k].item() for name, values in sim.trials.items()})
+
+    pre, post, weight = truth.links()
+    gt = nwb.create_processing_module(
+        "ground_truth", "Parameters of the simulation that generated this session.")
+    gt.add(DynamicTable(
+        name="synapses",
+        description=(f"Directed synaptic links. A spike of unit `pre` adds `weight` to the "
+                     f"log firing rate of unit `post` one bin ({cfg.dt * 1e3:g} ms) later, "
+                     f"decaying with time constant {cfg.syn_tau * 1e3:g} ms."),
+        columns=[
+            VectorData(name="pre", description="presynaptic unit (row of the Units table)",
+                       data=pre.astype(np.int64)),
+            VectorData(name="post", description="postsynaptic unit (row of the Units table)",
+                       data=post.astype(np.int64)),
+            VectorData(name="weight", description="log-rate increment; > 0 excitatory",
+                       data=weight.astype(np.float64)),
+        ],
+    ))
+    return nwb
+
+
+def write_nwb(sim: Simulation, path: str | Path) -> Path:
+    """Write ``sim`` to ``path`` atomically: a temp file in the same folder, then rename.
+
+    An interrupted write leaves no partial file and keeps any previous file at ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nwbfile = _to_nwbfile(sim)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with warnings.catch_warnings():  # the temp name does not end in .nwb, on purpose
+            warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
+            with NWBHDF5IO(str(tmp), "w") as io:
+                io.write(nwbfile)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def simulate_recording(path: str | Path, config: SimulationConfig = SimulationConfig(),
+                       progress: bool = True) -> Path:
+    """Simulate a session and write it as an NWB file at ``path``; returns the path."""
+    return write_nwb(simulate(config, progress=progress), path)
+
+
+def load_ground_truth(path: str | Path) -> GroundTruth:
+    """Read the ground truth of a file written by :func:`simulate_recording`.
+
+    Raises:
+        RecordingError: the file lacks a ground-truth field (not a simulated session).
+    """
+    with h5py.File(path, "r") as f:
+        def read(name: str) -> np.ndarray:
+            if name not in f:
+                raise RecordingError(path, name, "missing: not a neuroformer simulation")
+            return f[name].asstr()[()] if f[name].dtype.kind in "OS" else f[name][()]
+
+        n = len(read("units/id"))
+        pre = read("processing/ground_truth/synapses/pre").astype(np.int64)
+        post = read("processing/ground_truth/synapses/post").astype(np.int64)
+        if len(pre) and (max(pre.max(), post.max()) >= n or min(pre.min(), post.min()) < 0):
+            raise RecordingError(path, "processing/ground_truth/synapses",
+                                 f"unit index outside 0..{n - 1}")
+        connectivity = np.zeros((n, n))
+        connectivity[pre, post] = read("processing/ground_truth/synapses/weight")
+        return GroundTruth(
+            connectivity=connectivity,
+            cell_types=np.asarray(read("units/cell_type"), dtype=str),
+            is_excitatory=read("units/is_excitatory").astype(bool),
+            receptive_fields=read("units/receptive_field"),
+            preferred_direction=read("units/preferred_direction").astype(np.float64),
+            speed_gain=read("units/speed_gain").astype(np.float64),
+            baseline_rate=read("units/baseline_rate").astype(np.float64),
+        )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuroformer-simulate",
+        description="Simulate a mouse-V1 recording with known ground truth and write it "
+                    "as an NWB file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, required=True, help="NWB file to write")
+    for f in dataclasses.fields(SimulationConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                            default=f.default, help=f.metadata["help"])
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``neuroformer-simulate``)."""
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
+    out, quiet = args.pop("out"), args.pop("quiet")
+    try:
+        config = SimulationConfig(**args)
+    except ValueError as e:
+        parser.error(str(e))
+    began = time.perf_counter()
+    sim = simulate(config, progress=not quiet)
+    write_nwb(sim, out)
+    if not quiet:
+        n_spikes = sum(len(s) for s in sim.spike_times)
+        print(f"wrote {out}: {config.n_units} units, {n_spikes} spikes "
+              f"({n_spikes / config.n_units / config.duration:.2f} Hz mean), "
+              f"{np.count_nonzero(sim.ground_truth.connectivity)} links, "
+              f"{len(sim.frames)} frames, {len(sim.trials['start_time'])} trials "
+              f"in {time.perf_counter() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
