@@ -110,14 +110,16 @@ class NWBDataModule(L.LightningDataModule):
         starts = {s: [self._starts(rec, s) for rec in self.recordings] for s in SPLITS}
         if self.train_fraction < 1:
             starts["train"] = [t[: max(1, int(round(len(t) * self.train_fraction)))] for t in starts["train"]]
+        for s in SPLITS:
+            for path, t0 in zip(self.files, starts[s]):
+                if len(t0) == 0:
+                    raise RecordingError(
+                        path, "windows", f"no {s} windows: the recording is too short for "
+                        f"{self.split.n_blocks} blocks of past_window + window seconds"
+                        + (f" inside {self.restrict_to}" if self.restrict_to else "")
+                    )
         self.spec = self._spec(starts["train"])
         self.datasets = {s: WindowDataset(self.recordings, self.spec, starts[s]) for s in SPLITS}
-        for s, ds in self.datasets.items():
-            if len(ds) == 0:
-                raise RecordingError(
-                    self.files[0], "windows", f"no {s} windows: the recording is too short for "
-                    f"{self.split.n_blocks} blocks of past_window + window seconds"
-                )
         log.info("Windows: " + ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items()))
 
     def _starts(self, rec: Recording, split: str) -> np.ndarray:

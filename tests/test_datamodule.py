@@ -1,0 +1,105 @@
+"""Data module: batches from NWB files, several sessions in one vocabulary, clear mismatches."""
+
+import numpy as np
+import pytest
+import torch
+
+from neuroformer.data.datamodule import NWBDataModule
+from neuroformer.data.dataset import WindowDataset
+from neuroformer.data.simulate import SimulationConfig, simulate_recording
+from neuroformer.data.splits import SplitSpec
+from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS, SpikeTokenizer
+from neuroformer.errors import ModelMismatchError, RecordingError
+
+ALM = "tests/data/alm_guo2017_anm00239123.nwb"
+
+
+@pytest.fixture(scope="module")
+def second_sim_path(tmp_path_factory):
+    return simulate_recording(tmp_path_factory.mktemp("sim2") / "s2.nwb",
+                              SimulationConfig(seed=2, n_units=30, duration=60.0), progress=False)
+
+
+def test_batches_match_the_spikes_in_the_file(small_sim_path):
+    dm = NWBDataModule(paths=[str(small_sim_path)], behavior=["running_speed"], batch_size=8)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    B, T = batch.ids.shape
+    assert (B, T) == (8, dm.spec.tokenizer.max_tokens)
+    assert batch.frames.shape == (8, 4, 32, 32) and batch.behavior.shape == (8, 8, 1)
+    assert (batch.ids[:, 0] == SOS).all() and (batch.past_ids[:, 0] == SOS).all()
+    # Each window's tokens decode to exactly the file's spikes in that window (at the resolution).
+    rec, tok = dm.recordings[0], dm.spec.tokenizer
+    for b in range(B):
+        t0 = float(batch.t0[b])
+        times, units = tok.decode(batch.ids[b].numpy(), batch.dts[b].numpy(), t0)
+        sel = (rec.units.spike_times >= t0) & (rec.units.spike_times < t0 + tok.window)
+        assert sorted(units.tolist()) == sorted(rec.units.spike_units[sel].tolist())
+        n = int((batch.target_ids[b] != PAD).sum())
+        assert batch.target_ids[b, n - 1] == EOS and n - 1 == sel.sum()
+    # Frames are normalised with training statistics; the last frame is the one on screen at the window's end.
+    stim = rec.stimulus
+    last = stim.index_at(np.array([float(batch.t0[0]) + tok.window - 1e-9]))[0]
+    expected = (stim.read(last, last + 1)[0] - dm.spec.frame_mean) / dm.spec.frame_std
+    np.testing.assert_allclose(batch.frames[0, -1].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_sessions_share_one_vocabulary(small_sim_path, second_sim_path):
+    dm = NWBDataModule(paths=[str(small_sim_path), str(second_sim_path)], n_frames=0, batch_size=64)
+    dm.setup()
+    assert len(dm.spec.vocab) == 40 + 30
+    sessions = {n.split("/")[0] for n in dm.spec.vocab.names}
+    assert len(sessions) == 2
+    ds = dm.datasets["train"]
+    assert set(np.unique(ds.session)) == {0, 1}
+    # Tokens of session-1 windows only use session-1 units.
+    idx = np.flatnonzero(ds.session == 1)[:32].tolist()
+    ids = ds.__getitems__(idx).ids
+    real = ids[ids >= N_SPECIAL] - N_SPECIAL
+    assert (real >= 40).all()
+    # A model spec made for session 1 alone refuses session 2's units.
+    single = NWBDataModule(paths=[str(small_sim_path)], n_frames=0)
+    single.setup()
+    with pytest.raises(ModelMismatchError, match="not in the model's unit vocabulary"):
+        WindowDataset([dm.recordings[1]], single.spec, [np.array([1.0])])
+    # Extending it keeps session 1's indices and appends session 2's.
+    extended = NWBDataModule(paths=[str(second_sim_path)], n_frames=0, vocab=single.spec.vocab)
+    extended.setup()
+    assert extended.spec.vocab.names[:40] == single.spec.vocab.names and len(extended.spec.vocab) == 70
+
+
+def test_real_alm_recording_windows_lie_inside_trials():
+    dm = NWBDataModule(paths=[ALM], n_frames=0, restrict_to="trials",
+                       tokenizer=SpikeTokenizer(window=0.1, past_window=0.3, resolution=0.01, max_tokens=24,
+                                                max_past_tokens=64))
+    dm.setup()
+    trials = dm.recordings[0].trials
+    for split, ds in dm.datasets.items():
+        assert len(ds) > 100, split
+        k = np.searchsorted(np.sort(trials.start), ds.t0 - 0.3, side="right") - 1
+        assert (ds.t0 + 0.1 <= np.sort(trials.stop)[k] + 1e-9).all()
+    batch = dm.datasets["train"].__getitems__(list(range(16)))
+    assert batch.frames is None and batch.behavior is None
+    assert int(batch.ids.max()) < dm.spec.vocab.size == 4 + N_SPECIAL
+
+
+def test_missing_modalities_and_tables_are_named(small_sim_path):
+    with pytest.raises(RecordingError, match="stimulus"):
+        NWBDataModule(paths=[ALM]).setup()
+    with pytest.raises(RecordingError, match="behavior/pupil"):
+        NWBDataModule(paths=[str(small_sim_path)], behavior=["pupil"]).setup()
+    with pytest.raises(RecordingError, match="intervals/epochs"):
+        NWBDataModule(paths=[str(small_sim_path)], restrict_to="epochs").setup()
+    with pytest.raises(RecordingError, match="too short"):
+        NWBDataModule(paths=[str(small_sim_path)], split=SplitSpec(n_blocks=1000)).setup()
+
+
+def test_few_shot_fraction_keeps_earliest_training_windows(small_sim_path):
+    full = NWBDataModule(paths=[str(small_sim_path)], n_frames=0)
+    full.setup()
+    few = NWBDataModule(paths=[str(small_sim_path)], n_frames=0, train_fraction=0.1)
+    few.setup()
+    n = len(few.datasets["train"])
+    assert n == round(0.1 * len(full.datasets["train"]))
+    np.testing.assert_array_equal(few.datasets["train"].t0, full.datasets["train"].t0[:n])
+    assert torch.equal(few.datasets["test"].__getitems__([0, 1]).ids, full.datasets["test"].__getitems__([0, 1]).ids)
