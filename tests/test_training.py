@@ -1,12 +1,15 @@
 """Training end to end: every experiment config runs, a short run learns, the registry round trip."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra.utils import instantiate
 
 from neuroformer import registry
@@ -17,6 +20,7 @@ from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 from neuroformer.training import train
 from tests.configs import EXPERIMENTS, compose
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.n_embd=32", "model.n_head=2", "model.n_layer=1", "model.patch=[1,8,8]"]
 
 
@@ -64,3 +68,15 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
     inputs = {k: getattr(batch, k).numpy() for k in ("ids", "dts", "past_ids", "past_dts", "frames", "behavior")}
     np.testing.assert_allclose(pyfunc.predict(inputs)["id_logits"], expected.id_logits.numpy(), rtol=1e-6, atol=1e-6)
 
+
+
+def test_command_line_sweep_runs_every_job(small_sim_path, tmp_path):
+    cmd = [sys.executable, "train.py", "-m", "debug=fast_dev_run", "model.n_layer=1,2", "model.n_embd=32", "model.n_head=2",
+           f"data.paths=[{small_sim_path}]", f"paths.output_root={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(tmp_path.glob("multiruns/pretrain/*/*/metrics.json"))
+    assert len(results) == 2
+    layers = sorted(int(yaml.safe_load((r.parent / ".hydra" / "overrides.yaml").read_text())[1].split("=")[1])
+                    for r in results)
+    assert layers == [1, 2]
