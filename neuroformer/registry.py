@@ -73,7 +73,11 @@ class NeuroformerPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.loaded = load_model_files(Path(context.artifacts[WEIGHTS]).parent)
 
-    def predict(self, context, model_input: dict[str, np.ndarray], params=None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input, params=None):
+        """model_input: {name: array} as in ``signature``; returns {"id_logits", "dt_logits"} arrays.
+
+        (No type hints: MLflow would read them as a per-row schema and warn.)
+        """
         get = lambda k: torch.as_tensor(model_input[k]) if k in model_input else None  # noqa: E731
         ids = get("ids")
         batch = Batch(ids, get("dts"), ids, ids, get("past_ids"), get("past_dts"), get("frames"), get("behavior"),
