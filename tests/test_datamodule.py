@@ -94,12 +94,17 @@ def test_missing_modalities_and_tables_are_named(small_sim_path):
         NWBDataModule(paths=[str(small_sim_path)], split=SplitSpec(n_blocks=1000)).setup()
 
 
-def test_few_shot_fraction_keeps_earliest_training_windows(small_sim_path):
+def test_few_shot_fraction_is_a_seeded_subset_spread_over_the_training_block(small_sim_path):
     full = NWBDataModule(paths=[str(small_sim_path)], n_frames=0)
     full.setup()
     few = NWBDataModule(paths=[str(small_sim_path)], n_frames=0, train_fraction=0.1)
     few.setup()
-    n = len(few.datasets["train"])
-    assert n == round(0.1 * len(full.datasets["train"]))
-    np.testing.assert_array_equal(few.datasets["train"].t0, full.datasets["train"].t0[:n])
+    again = NWBDataModule(paths=[str(small_sim_path)], n_frames=0, train_fraction=0.1)
+    again.setup()
+    all_t0, few_t0 = full.datasets["train"].t0, few.datasets["train"].t0
+    assert len(few_t0) == round(0.1 * len(all_t0))
+    assert np.isin(few_t0, all_t0).all() and (np.diff(few_t0) > 0).all()
+    np.testing.assert_array_equal(few_t0, again.datasets["train"].t0)
+    # spread over the block: not the first 10% in time
+    assert few_t0.max() > np.quantile(all_t0, 0.8) and few_t0.min() < np.quantile(all_t0, 0.2)
     assert torch.equal(few.datasets["test"].__getitems__([0, 1]).ids, full.datasets["test"].__getitems__([0, 1]).ids)

@@ -49,7 +49,7 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
     # The registered model, loaded by alias, is the best checkpoint's model.
     mlflow.set_tracking_uri(metrics["mlflow_tracking_uri"])
     loaded = registry.load_model("models:/nf-test@champion")
-    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     reference = Neuroformer(NeuroformerConfig(**ckpt["neuroformer"]["model_config"])).eval()
     reference.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
     spec = InputSpec.from_dict(ckpt["neuroformer"]["spec"])

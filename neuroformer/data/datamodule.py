@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +17,7 @@ from neuroformer.data.nwb import read_nwb
 from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import SimulationConfig, simulate_recording
 from neuroformer.data.splits import SPLITS, SplitSpec, window_starts
+from neuroformer.data.targets import BehaviorTarget
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.data.vocabulary import UnitVocabulary
 from neuroformer.errors import RecordingError
@@ -28,6 +29,17 @@ def simulated_path(cache_dir: str | Path, config: SimulationConfig) -> Path:
     """Cache file of a simulated recording: one file per distinct simulation config."""
     key = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir) / f"simulated_seed{config.seed}_{key}.nwb"
+
+
+def few_shot_windows(t0: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(round(fraction * n),) start times: a seeded random subset of ``t0`` (n,), in time order.
+
+    Random rather than the first windows in time: the start of a session is often a single
+    behavioural state (e.g. all running), which would make few-shot results about the session's
+    start rather than about how much data a model needs.
+    """
+    n = max(1, int(round(len(t0) * fraction)))
+    return np.sort(np.random.default_rng(seed).choice(t0, size=n, replace=False))
 
 
 class NWBDataModule(L.LightningDataModule):
@@ -47,9 +59,14 @@ class NWBDataModule(L.LightningDataModule):
         stimulus: name of the stimulus series when a file has several.
         restrict_to: an interval table (e.g. "trials") that windows must lie inside.
         train_stride: spacing of training windows in seconds (default: the window length).
-        train_fraction: fraction of training windows used (few-shot), taken as the first ones in time.
+        train_fraction: fraction of training windows used (few-shot): a random subset, seeded by
+            the split seed, so that a small fraction still samples the whole training block.
         batch_size, num_workers: DataLoader settings.
         vocab: an existing unit vocabulary to extend (fine-tuning a trained model).
+        target: the behaviour each window is labelled with for fine-tuning (not an input).
+        reference: a trained model's input spec: its tokenizer, frames, behaviour inputs and
+            normalisation are used instead of the arguments above, its vocabulary is extended
+            with any new units (fine-tuning a pretrained model on the same or new sessions).
     """
 
     def __init__(
@@ -70,8 +87,13 @@ class NWBDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         vocab: UnitVocabulary | None = None,
+        target: BehaviorTarget | None = None,
+        reference: InputSpec | None = None,
     ):
         super().__init__()
+        if reference is not None:
+            tokenizer, n_frames, vocab = reference.tokenizer, reference.n_frames, reference.vocab
+            behavior, behavior_steps = reference.behavior, reference.behavior_steps or behavior_steps
         self.paths = [Path(p) for p in (paths or [])]
         self.simulation = SimulationConfig(**(simulate or {}))
         self.cache_dir = Path(cache_dir)
@@ -85,6 +107,7 @@ class NWBDataModule(L.LightningDataModule):
         self.train_fraction = train_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.base_vocab = vocab or UnitVocabulary()
+        self.target, self.reference = target, reference
         self.recordings: list[Recording] = []
         self.datasets: dict[str, WindowDataset] = {}
         self.spec: InputSpec | None = None
@@ -109,7 +132,7 @@ class NWBDataModule(L.LightningDataModule):
         ]
         starts = {s: [self._starts(rec, s) for rec in self.recordings] for s in SPLITS}
         if self.train_fraction < 1:
-            starts["train"] = [t[: max(1, int(round(len(t) * self.train_fraction)))] for t in starts["train"]]
+            starts["train"] = [few_shot_windows(t, self.train_fraction, self.split.seed) for t in starts["train"]]
         for s in SPLITS:
             for path, t0 in zip(self.files, starts[s]):
                 if len(t0) == 0:
@@ -139,8 +162,11 @@ class NWBDataModule(L.LightningDataModule):
     def _spec(self, train_starts: list[np.ndarray]) -> InputSpec:
         """The input spec, with normalisation statistics from training windows only."""
         vocab = self.base_vocab.extend(n for rec in self.recordings for n in rec.units.names)
+        target = self.target.fit(self.recordings, train_starts, self.tokenizer.window) if self.target else None
+        if self.reference is not None:  # the trained model's normalisation, not this data's
+            return replace(self.reference, vocab=vocab, target=target)
         spec = InputSpec(tokenizer=self.tokenizer, vocab=vocab, behavior=self.behavior_names,
-                         behavior_steps=self.behavior_steps if self.behavior_names else 0)
+                         behavior_steps=self.behavior_steps if self.behavior_names else 0, target=target)
         rec, t0 = self.recordings[0], train_starts[0]
         if self.n_frames:
             if rec.stimulus is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from neuroformer.data.recording import Recording
+from neuroformer.data.targets import BehaviorTarget
 from neuroformer.data.tokenizer import EOS, PAD, SpikeTokenizer
 from neuroformer.data.vocabulary import UnitVocabulary
 from neuroformer.errors import ModelMismatchError
@@ -34,6 +35,8 @@ class Batch(NamedTuple):
         behavior: (B, S, V) normalised behaviour samples over past + current window, or None.
         t0: (B,) float64 current-window start times, seconds.
         session: (B,) int64 index of the recording each window comes from.
+        target_behavior: the fine-tuning target of each window (never a model input), or None:
+            (B, D) float32 standardised regression targets, or (B,) int64 class labels (-1: none).
     """
 
     ids: torch.Tensor
@@ -46,6 +49,7 @@ class Batch(NamedTuple):
     behavior: torch.Tensor | None
     t0: torch.Tensor
     session: torch.Tensor
+    target_behavior: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +66,7 @@ class InputSpec:
         behavior_dims: dimension of each variable.
         behavior_steps: samples per window, evenly spread over past + current window.
         behavior_mean, behavior_std: (V,) per-channel normalisation, V = sum(behavior_dims).
+        target: what each window is labelled with for fine-tuning (not an input), or None.
     """
 
     tokenizer: SpikeTokenizer
@@ -75,6 +80,16 @@ class InputSpec:
     behavior_steps: int = 0
     behavior_mean: list[float] = field(default_factory=list)
     behavior_std: list[float] = field(default_factory=list)
+    target: BehaviorTarget | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.target.kind == "regression":
+            shown = sorted(set(self.target.names) & set(self.behavior))
+            if shown:
+                raise ModelMismatchError(
+                    f"behavior target {shown} is also a model input (data.behavior={list(self.behavior)}): a model "
+                    "must not see what it predicts; drop it from data.behavior and use a model pretrained without it"
+                )
 
     @property
     def n_behavior(self) -> int:
@@ -93,6 +108,7 @@ class InputSpec:
             "behavior_steps": self.behavior_steps,
             "behavior_mean": list(self.behavior_mean),
             "behavior_std": list(self.behavior_std),
+            "target": self.target.to_dict() if self.target else None,
         }
 
     @classmethod
@@ -101,11 +117,12 @@ class InputSpec:
         d["tokenizer"] = SpikeTokenizer(**d["tokenizer"])
         d["vocab"] = UnitVocabulary.from_dict(d["vocab"])
         d["frame_shape"] = tuple(d["frame_shape"]) if d.get("frame_shape") else None
+        d["target"] = BehaviorTarget.from_dict(d["target"]) if d.get("target") else None
         return cls(**d)
 
     def check_recording(self, rec: Recording) -> None:
         """Refuse a recording this spec cannot feed (missing stimulus, behaviour or units)."""
-        self.vocab.indices(rec.units.names)
+        self.vocab.indices(rec.units.names, rec.path)
         if self.n_frames:
             if rec.stimulus is None:
                 raise ModelMismatchError(
@@ -129,6 +146,8 @@ class InputSpec:
                     f"{rec.path}: behavior/{name}: expected {dim} dimension(s), found "
                     f"{rec.behavior[name].dim}"
                 )
+        if self.target is not None:
+            self.target.check_recording(rec)
 
 
 class WindowDataset(torch.utils.data.Dataset):
@@ -144,7 +163,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.recordings, self.spec = recordings, spec
         # Each recording's spikes, with units mapped into the shared vocabulary.
         self._spikes = [
-            (rec.units.spike_times, spec.vocab.indices(rec.units.names)[rec.units.spike_units])
+            (rec.units.spike_times, spec.vocab.indices(rec.units.names, rec.path)[rec.units.spike_units])
             for rec in recordings
         ]
         self.session = np.concatenate([np.full(len(s), i) for i, s in enumerate(starts)]).astype(np.int64)
@@ -164,6 +183,7 @@ class WindowDataset(torch.utils.data.Dataset):
         past = {k: np.empty((len(idx), tok.max_past_tokens), np.int64) for k in ("past_ids", "past_dts")}
         frames = np.zeros((len(idx), spec.n_frames, *spec.frame_shape), np.float32) if spec.n_frames else None
         behavior = np.zeros((len(idx), spec.behavior_steps, spec.n_behavior), np.float32) if spec.behavior else None
+        target = spec.target.zeros(len(idx)) if spec.target is not None else None
         for s in np.unique(session):
             rows = np.flatnonzero(session == s)
             times, units = self._spikes[s]
@@ -178,6 +198,8 @@ class WindowDataset(torch.utils.data.Dataset):
                 frames[rows] = self._frames(rec, t0[rows])
             if behavior is not None:
                 behavior[rows] = self._behavior(rec, t0[rows])
+            if target is not None:
+                target[rows] = spec.target.values(rec, t0[rows], tok.window)
         as_t = torch.from_numpy
         return Batch(
             **{k: as_t(v) for k, v in cur.items()},
@@ -186,6 +208,7 @@ class WindowDataset(torch.utils.data.Dataset):
             behavior=as_t(behavior) if behavior is not None else None,
             t0=as_t(t0),
             session=as_t(session),
+            target_behavior=as_t(target) if target is not None else None,
         )
 
     def _frames(self, rec: Recording, t0: np.ndarray) -> np.ndarray:

@@ -35,10 +35,9 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
@@ -51,6 +50,8 @@ from pynwb.image import ImageSeries
 from pynwb.misc import Units
 from scipy.signal import lfilter
 
+from neuroformer import cli
+from neuroformer.cli import option
 from neuroformer.errors import RecordingError
 
 CELL_TYPES = ("ON", "OFF", "DS", "untuned")
@@ -59,37 +60,33 @@ SPEED_REF = 20.0  # cm/s: speed_gain is the log-rate change per SPEED_REF of run
 SESSION_START = datetime(2024, 1, 15, 9, 0, 0, tzinfo=timezone.utc)
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A config field whose help text also documents the CLI option."""
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass(frozen=True)
 class SimulationConfig:
     """Parameters of one simulated session (every one is also a CLI option)."""
 
-    seed: int = _opt(0, "random seed: same seed and config give identical spikes")
-    n_units: int = _opt(120, "number of units")
-    duration: float = _opt(600.0, "session length, s")
-    frame_rate: float = _opt(20.0, "stimulus frame rate, Hz")
-    frame_size: int = _opt(32, "stimulus frames are frame_size x frame_size pixels")
-    dt: float = _opt(0.001, "simulation bin, s (at most one spike per unit per bin)")
-    mean_rate: float = _opt(6.5, "mean of the per-unit target rates before coupling, Hz")
-    max_rate: float = _opt(200.0, "firing-rate ceiling, Hz")
-    frac_on: float = _opt(0.3, "fraction of ON centre-surround units")
-    frac_off: float = _opt(0.3, "fraction of OFF centre-surround units")
-    frac_ds: float = _opt(0.25, "fraction of direction-selective units (rest: untuned)")
-    frac_excitatory: float = _opt(0.8, "fraction of excitatory units (Dale's law)")
-    link_prob: float = _opt(0.03, "probability of a random directed link")
-    hub_fraction: float = _opt(0.03, "fraction of hub units (at least one)")
-    hub_link_prob: float = _opt(0.3, "probability that a hub projects to a given unit")
-    syn_tau: float = _opt(0.005, "decay time constant of a synaptic input, s")
-    behavior_rate: float = _opt(50.0, "running-speed sampling rate, Hz")
-    n_clips: int = _opt(4, "number of distinct repeated clips")
-    clip_duration: float = _opt(2.0, "length of a repeated clip, s")
-    block_min: float = _opt(2.0, "shortest grating/noise block, s")
-    block_max: float = _opt(4.0, "longest grating/noise block, s")
-    repeat_prob: float = _opt(0.35, "probability of a repeated clip after each block")
+    seed: int = option(0, "random seed: same seed and config give identical spikes")
+    n_units: int = option(120, "number of units")
+    duration: float = option(600.0, "session length, s")
+    frame_rate: float = option(20.0, "stimulus frame rate, Hz")
+    frame_size: int = option(32, "stimulus frames are frame_size x frame_size pixels")
+    dt: float = option(0.001, "simulation bin, s (at most one spike per unit per bin)")
+    mean_rate: float = option(6.5, "mean of the per-unit target rates before coupling, Hz")
+    max_rate: float = option(200.0, "firing-rate ceiling, Hz")
+    frac_on: float = option(0.3, "fraction of ON centre-surround units")
+    frac_off: float = option(0.3, "fraction of OFF centre-surround units")
+    frac_ds: float = option(0.25, "fraction of direction-selective units (rest: untuned)")
+    frac_excitatory: float = option(0.8, "fraction of excitatory units (Dale's law)")
+    link_prob: float = option(0.03, "probability of a random directed link")
+    hub_fraction: float = option(0.03, "fraction of hub units (at least one)")
+    hub_link_prob: float = option(0.3, "probability that a hub projects to a given unit")
+    syn_tau: float = option(0.005, "decay time constant of a synaptic input, s")
+    behavior_rate: float = option(50.0, "running-speed sampling rate, Hz")
+    n_clips: int = option(4, "number of distinct repeated clips")
+    clip_duration: float = option(2.0, "length of a repeated clip, s")
+    block_min: float = option(2.0, "shortest grating/noise block, s")
+    block_max: float = option(4.0, "longest grating/noise block, s")
+    repeat_prob: float = option(0.35, "probability of a repeated clip after each block")
 
     def __post_init__(self) -> None:
         positive = ("n_units", "duration", "frame_rate", "frame_size", "dt", "mean_rate",
@@ -664,16 +661,10 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="neuroformer-simulate",
-        description="Simulate a mouse-V1 recording with known ground truth and write it "
-                    "as an NWB file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = cli.parser("neuroformer-simulate",
+                        "Simulate a mouse-V1 recording with known ground truth and write it as an NWB file.")
     parser.add_argument("--out", type=Path, required=True, help="NWB file to write")
-    for f in dataclasses.fields(SimulationConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                            default=f.default, help=f.metadata["help"])
+    cli.add_options(parser, SimulationConfig)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 

@@ -40,13 +40,15 @@ class UnitVocabulary:
         new = [n for n in dict.fromkeys(names) if n not in self._index]
         return UnitVocabulary(self.names + new)
 
-    def indices(self, names: Iterable[str]) -> np.ndarray:
-        """(n,) vocabulary index of each name; unknown names raise a clear error."""
+    def indices(self, names: Iterable[str], source: object = None) -> np.ndarray:
+        """(n,) vocabulary index of each name; unknown names raise a clear error naming ``source``
+        (the recording they come from), if given."""
         names = list(names)
         missing = [n for n in names if n not in self._index]
         if missing:
+            where = f"{source}: units: " if source is not None else ""
             raise ModelMismatchError(
-                f"{len(missing)} unit(s) are not in the model's unit vocabulary (e.g. {missing[:3]}); "
+                f"{where}{len(missing)} unit(s) are not in the model's unit vocabulary (e.g. {missing[:3]}); "
                 f"the model knows {len(self.names)} units from sessions "
                 f"{sorted({n.split('/')[0] for n in self.names})[:5]}. Extend the vocabulary "
                 "(fine-tune on the new session) before applying the model to it."

@@ -15,6 +15,12 @@ each encoded separately and concatenated, with PAD keys masked everywhere. Two h
 the next unit ID and the next dt. A symmetric (CLIP-style) contrastive loss aligns a pooled
 embedding of the current window's spikes with pooled stimulus (and optionally behaviour)
 embeddings, each through its own projection.
+
+For generation, ``start_decoding`` encodes a window's context once and caches its
+cross-attention keys/values, and ``decode_step`` feeds current tokens incrementally against a
+self-attention key/value cache (``neuroformer.inference.generate`` samples with them).
+``forward_with_attention`` also returns the cross-attention probabilities
+(``neuroformer.inference.connectivity`` reads unit-to-unit influence from them).
 """
 
 from __future__ import annotations
@@ -87,6 +93,30 @@ class ModelOutput(NamedTuple):
     behavior: torch.Tensor | None = None
 
 
+@dataclass
+class DecoderCache:
+    """Incremental-decoding state of one batch of windows (``Neuroformer.start_decoding``).
+
+    Attributes:
+        cross_kv: per decoder block, the context's cross-attention keys and values, each
+            (B, h, N, C/h); computed once per window.
+        cross_mask: (B, 1, 1, N) bool, False for PAD context tokens.
+        self_kv: per decoder block, self-attention keys and values of the tokens fed so far,
+            each (B, h, L, C/h), or None before the first token.
+        keep: (B, L) bool, False where a fed token is PAD.
+    """
+
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cross_mask: torch.Tensor
+    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    keep: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """Number of current-window tokens fed so far."""
+        return self.keep.shape[1]
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries ``x`` over keys/values ``context`` (``x`` itself if None)."""
 
@@ -100,13 +130,36 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
         """x: (B, Tq, C); context: (B, Tk, C); mask: (B, 1, Tq, Tk) bool, True = may attend."""
-        context = x if context is None else context
+        return self.attend(x, *self.keys_values(x if context is None else context), mask)[0]
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, h, T, C/h)."""
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of context (B, Tk, C), each (B, h, Tk, C/h); cacheable across queries."""
+        return tuple(self._heads(t) for t in self.kv(context).split(context.shape[-1], dim=2))
+
+    def attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Queries x (B, Tq, C) over keys/values (B, h, Tk, C/h); mask broadcastable to (B, 1, Tq, Tk).
+
+        Returns the output (B, Tq, C) and, if ``need_weights``, the attention probabilities
+        (B, h, Tq, Tk). Those are computed explicitly (not by the fused kernel) and the output is
+        made from them, so gradients with respect to the weights are the true ones.
+        """
         B, Tq, C = x.shape
-        heads = lambda t: t.view(B, t.shape[1], self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
-        q = heads(self.q(x))  # (B, h, Tq, C/h)
-        k, v = (heads(t) for t in self.kv(context).split(C, dim=2))  # (B, h, Tk, C/h)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, Tq, C))
+        q = self._heads(self.q(x))  # (B, h, Tq, C/h)
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            y, w = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            w = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = F.dropout(w, dropout) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, C)), w
 
 
 class MLP(nn.Sequential):
@@ -138,10 +191,40 @@ class DecoderBlock(nn.Module):
         self.ln2, self.cross_attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
         self.ln3, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, context: torch.Tensor, cross_mask: torch.Tensor):
-        x = x + self.self_attn(self.ln1(x), None, self_mask)
-        x = x + self.cross_attn(self.ln2(x), context, cross_mask)
-        return x + self.mlp(self.ln3(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor,
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_mask: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """The block on n new tokens, after L earlier ones whose self-attention keys/values are given.
+
+        A whole window is n = T tokens with no earlier ones; incremental decoding feeds one token
+        at a time with the keys/values this returned for the earlier ones.
+
+        Args:
+            x: (B, n, C) the new tokens' residual stream.
+            self_mask: (B, 1, n, L + n) bool, which earlier and new tokens each new one may attend to.
+            cross_kv: the context's cross-attention keys/values, each (B, h, N, C/h).
+            cross_mask: (B, 1, 1, N) bool, False for PAD context tokens.
+            past_kv: cached self-attention keys/values of the L earlier tokens, each (B, h, L, C/h).
+            need_weights: also return the cross-attention probabilities.
+
+        Returns:
+            (B, n, C) output, self-attention keys/values of all L + n tokens (the next cache),
+            and the cross-attention probabilities (B, h, n, N) or None.
+        """
+        h = self.ln1(x)
+        k, v = self.self_attn.keys_values(h)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        x = x + self.self_attn.attend(h, k, v, self_mask)[0]
+        y, weights = self.cross_attn.attend(self.ln2(x), *cross_kv, cross_mask, need_weights)
+        x = x + y
+        return x + self.mlp(self.ln3(x)), (k, v), weights
 
 
 class ContextEncoder(nn.Module):
@@ -216,12 +299,19 @@ class Neuroformer(nn.Module):
         self.neural_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim)
         self.stimulus_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.frames else None
         self.behavior_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.behavior else None
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # shape (1,): DeepSpeed cannot shard 0-dim parameters
         self.apply(self._init_weights)
         for module in (self, self.frames, self.behavior):
             for name, p in module.named_parameters(recurse=False) if module is not None else ():
                 if name.endswith("pos"):
                     nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # Models saved before logit_scale became shape (1,) stored it as a 0-dim tensor.
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2 init; residual projections scaled down with depth so the stream's variance stays put.
@@ -264,28 +354,90 @@ class Neuroformer(nn.Module):
                 if the model has a stimulus encoder, behavior (B, S, V) if it has a behaviour one).
             contrastive: also return the unit-norm contrastive embeddings.
         """
-        context, keep_ctx, parts = self.encode_context(batch)
-        ids, T = batch.ids, batch.ids.shape[1]
-        keep = ids != PAD
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        self_mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, T, T)
-        cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
-        x = self.embed(ids, batch.dts, self.current_pos)
-        for block in self.blocks:
-            x = block(x, self_mask, context, cross_mask)
-        x = self.ln_f(x)
-        out = ModelOutput(self.id_head(x), self.dt_head(x))
+        out, _, parts = self._next_token(batch, need_weights=False)
         if not contrastive:
             return out
         # The current window's own spikes, encoded without the context, stand for the neural side.
+        keep = batch.ids != PAD
         real = keep & (batch.target_ids != PAD)
-        neural = masked_mean(self.past_encoder(self.embed(ids, batch.dts, self.current_pos), keep), real)
+        neural = masked_mean(self.past_encoder(self.embed(batch.ids, batch.dts, self.current_pos), keep), real)
         unit = lambda proj, h: F.normalize(proj(h), dim=-1)  # noqa: E731
         return out._replace(
             neural=unit(self.neural_proj, neural),
             stimulus=unit(self.stimulus_proj, parts["stimulus"].mean(1)) if self.frames else None,
             behavior=unit(self.behavior_proj, parts["behavior"].mean(1)) if self.behavior else None,
         )
+
+    def forward_with_attention(self, batch) -> tuple[ModelOutput, list[torch.Tensor]]:
+        """``forward(batch)`` plus every decoder block's cross-attention probabilities.
+
+        Returns:
+            the outputs, and per block a (B, h, T, N) tensor: how much each current position
+            attends to each context token. Context tokens are ordered as in ``encode_context``:
+            the P past-window tokens first, then stimulus patches, then behaviour samples. The
+            tensors are part of the autograd graph (for attention x gradient).
+        """
+        out, weights, _ = self._next_token(batch, need_weights=True)
+        return out, weights
+
+    def _next_token(self, batch, need_weights: bool) -> tuple[ModelOutput, list[torch.Tensor], dict]:
+        """Logits at every current position, cross-attention weights if asked, context parts."""
+        context, keep_ctx, parts = self.encode_context(batch)
+        ids, T = batch.ids, batch.ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        self_mask = causal[None, None] & (ids != PAD)[:, None, None, :]  # (B, 1, T, T)
+        cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
+        x = self.embed(ids, batch.dts, self.current_pos)
+        weights = []
+        for block in self.blocks:
+            x, _, w = block(x, self_mask, block.cross_attn.keys_values(context), cross_mask, need_weights=need_weights)
+            weights.append(w)
+        x = self.ln_f(x)
+        return ModelOutput(self.id_head(x), self.dt_head(x)), weights if need_weights else [], parts
+
+    def start_decoding(self, batch) -> DecoderCache:
+        """Encode a batch's context once and cache its cross-attention keys/values in every block.
+
+        Only the context fields of ``batch`` are read (past tokens, frames, behaviour); feed the
+        current window's tokens with ``decode_step``.
+        """
+        context, keep_ctx, _ = self.encode_context(batch)
+        return DecoderCache(
+            cross_kv=[block.cross_attn.keys_values(context) for block in self.blocks],
+            cross_mask=keep_ctx[:, None, None, :],
+            self_kv=[None] * len(self.blocks),
+            keep=torch.zeros(len(keep_ctx), 0, dtype=torch.bool, device=keep_ctx.device),
+        )
+
+    def decode_step(
+        self, cache: DecoderCache, ids: torch.Tensor, dts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append n current-window tokens and return the next-token logits at their positions.
+
+        Costs one pass over the n new tokens only: earlier tokens' self-attention keys/values and
+        the context's cross-attention keys/values come from ``cache``, which is updated in place.
+        Feeding a window's tokens in any chunking gives the logits ``forward`` gives (PAD tokens
+        are masked as keys exactly as there).
+
+        Args:
+            cache: from ``start_decoding``, holding ``cache.length`` earlier tokens.
+            ids, dts: (B, n) the next tokens.
+
+        Returns:
+            id_logits (B, n, id_vocab_size) and dt_logits (B, n, dt_vocab_size).
+        """
+        L, n = cache.length, ids.shape[1]
+        if L + n > self.config.block_size:
+            raise ValueError(f"decode_step: {L} + {n} tokens exceed the block size {self.config.block_size}")
+        keep = torch.cat([cache.keep, ids != PAD], dim=1)  # (B, L + n)
+        causal = torch.ones(n, L + n, dtype=torch.bool, device=ids.device).tril(diagonal=L)
+        self_mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, n, L + n)
+        x = self.embed(ids, dts, self.current_pos[L:])
+        for i, block in enumerate(self.blocks):
+            x, cache.self_kv[i], _ = block(x, self_mask, cache.cross_kv[i], cache.cross_mask, cache.self_kv[i])
+        x = self.ln_f(x)
+        cache.keep = keep
+        return self.id_head(x), self.dt_head(x)
 
     def losses(self, out: ModelOutput, batch) -> dict[str, torch.Tensor]:
         """Mean token cross-entropies (PAD targets ignored) and the contrastive loss, if any."""

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
-import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
 from neuroformer.data.dataset import Batch, InputSpec
 from neuroformer.data.tokenizer import PAD
 from neuroformer.models.neuroformer import Neuroformer
-
-SPLITS = ("train", "val", "test")
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+from neuroformer.tasks.base import SPLITS, NeuroformerTask
 
 
-class PretrainTask(L.LightningModule):
+class PretrainTask(NeuroformerTask):
     """Next-token (ID and dt) prediction with an auxiliary contrastive loss.
 
     Args:
@@ -71,28 +59,16 @@ class PretrainTask(L.LightningModule):
             metric.update(value.detach(), weight=n)
             self.log(f"{split}/{key}", metric, on_step=False, on_epoch=True, batch_size=bs, prog_bar=key == "id_ce")
         if "contrastive" in losses:
-            self.log(f"{split}/contrastive", losses["contrastive"].detach(), on_epoch=True, batch_size=bs)
-        self.log(f"{split}/loss", loss.detach(), on_step=split == "train", on_epoch=True, batch_size=bs,
-                 prog_bar=split == "train")
+            self.log(f"{split}/contrastive", losses["contrastive"].detach(), on_epoch=True, batch_size=bs,
+                     sync_dist=True)
+        self._log_loss(split, loss, bs)
         return loss
-
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, min(hp.warmup_steps, total // 10 + 1), total, hp.min_lr_ratio)
+        return self._scheduled(
+            torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Self-describing checkpoints: the model and its data spec can be rebuilt from the file alone.

@@ -1,0 +1,351 @@
+"""Generate spike trains with a trained Neuroformer, window by window.
+
+Within a window, (ID, dt) token pairs are sampled one position at a time until EOS or a full
+block. Both tokens of a position come from the same step's logits (the model predicts them
+side by side, neither conditioned on the other). The dt is drawn first: it says whether the
+window ends (EOS) and whether time moves on to a later bin; then the unit ID, given that bin.
+Each draw applies, in order,
+
+1. constraints: PAD and SOS are never drawn; a dt is EOS or a bin of the current window no
+   earlier than the previous spike's; the ID is EOS exactly when the dt is, and within one
+   bin unit IDs never decrease. That is the tokenizer's canonical order, so decoding and
+   re-encoding a sample gives it back. (docs/generation.md compares other orders of drawing.)
+2. temperature, then top-k, then top-p (nucleus) filtering;
+3. an exact draw: the argmax of log-probabilities plus Gumbel noise from a seeded generator.
+
+Each step costs one incremental pass: ``Neuroformer.start_decoding`` encodes the context
+(past window, stimulus, behaviour) once per window and caches its cross-attention keys and
+values, and ``decode_step`` feeds one new token against the self-attention cache.
+``use_cache=False`` runs the same loop with a full forward pass per token (the reference
+that the test and ``bench/generation.py`` compare against); both give identical samples.
+
+``simulate`` strings windows together: in closed loop the generated spikes of earlier
+windows become the past-window tokens of the next, so after ``past_window`` seconds the model
+runs on its own output, driven only by the true stimulus and behaviour.
+
+CLI: ``python -m neuroformer.inference.generate --help``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from neuroformer import cli
+from neuroformer.data.dataset import Batch, InputSpec, WindowDataset
+from neuroformer.data.nwb import read_nwb
+from neuroformer.data.recording import Recording
+from neuroformer.data.splits import window_starts
+from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
+from neuroformer.models.neuroformer import Neuroformer
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn from the model's logits.
+
+    Attributes:
+        temperature: logits are divided by it; 0 means greedy (argmax).
+        top_k: keep only the k most likely tokens (0: all).
+        top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1: all).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}")
+
+
+class GeneratedWindows(NamedTuple):
+    """Sampled current windows, laid out like ``Batch.ids``/``Batch.dts``.
+
+    Attributes:
+        ids: (B, T) ``[SOS, s1..sn, PAD..]`` ID tokens.
+        dts: (B, T) matching dt tokens.
+        counts: (B,) number of spikes n in each window.
+        ended: (B,) True where the model chose EOS (False: the block filled up first).
+        steps: number of decoding steps run (tokens sampled per window, EOS included).
+    """
+
+    ids: torch.Tensor
+    dts: torch.Tensor
+    counts: torch.Tensor
+    ended: torch.Tensor
+    steps: int
+
+
+class Spikes(NamedTuple):
+    """A spike train: times (n,) float64 seconds, units (n,) int64 (row of the recording's units)."""
+
+    times: np.ndarray
+    units: np.ndarray
+
+
+def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Temperature, top-k, then top-p on (B, V) logits; removed tokens get -inf.
+
+    Masked (-inf) entries stay masked; at least the most likely token always survives.
+    """
+    if sampling.temperature > 0:
+        logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, NEG_INF)
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = before >= sampling.top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), NEG_INF)
+    return logits
+
+
+def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of (B, V) logits: greedy if temperature is 0, else a Gumbel-max draw.
+
+    The noise is drawn for every row and token whatever the logits are, so the generator's
+    stream, and thus the samples, depend only on the seed and on which token wins.
+    """
+    logits = filter_logits(logits, sampling)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+def dt_constraint(last_bin: torch.Tensor, n_bins: int, dt_vocab: int) -> torch.Tensor:
+    """(B, V_dt) bool: EOS, or a bin of the current window no earlier than the previous spike's."""
+    tokens = torch.arange(dt_vocab, device=last_bin.device)
+    bins = tokens - N_SPECIAL
+    ok = (bins[None, :] >= last_bin[:, None]) & (bins[None, :] < n_bins)
+    ok[:, EOS] = True
+    return ok
+
+
+def id_constraint(new_dt: torch.Tensor, last_id: torch.Tensor, last_bin: torch.Tensor,
+                   allowed: torch.Tensor) -> torch.Tensor:
+    """(B, V_id) bool: EOS after a dt EOS; else an allowed unit, not below the previous one in the same bin."""
+    ids = torch.arange(len(allowed), device=new_dt.device)
+    same_bin = (new_dt - N_SPECIAL == last_bin)[:, None]
+    ok = allowed[None, :] & (~same_bin | (ids[None, :] >= last_id[:, None]))
+    ended = new_dt == EOS
+    ok[ended] = ids[None, :] == EOS
+    return ok
+
+
+def _cached_logits(model: Neuroformer, batch: Batch) -> Callable:
+    cache = model.start_decoding(batch)
+
+    def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        id_logits, dt_logits = model.decode_step(cache, ids[:, t : t + 1], dts[:, t : t + 1])
+        return id_logits[:, 0], dt_logits[:, 0]
+
+    return step
+
+
+def _full_forward_logits(model: Neuroformer, batch: Batch) -> Callable:
+    def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(batch._replace(ids=ids, dts=dts))
+        return out.id_logits[:, t], out.dt_logits[:, t]
+
+    return step
+
+
+@torch.no_grad()
+def sample_windows(
+    model: Neuroformer,
+    batch: Batch,
+    n_bins: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    unit_tokens: torch.Tensor | None = None,
+    use_cache: bool = True,
+) -> GeneratedWindows:
+    """Sample the current window of every row of ``batch`` given its context.
+
+    Args:
+        model: the Neuroformer (put in eval mode by the caller for dropout-free sampling).
+        batch: context of each window (past tokens, frames, behaviour); its current tokens are ignored.
+        n_bins: dt bins of a current window (``SpikeTokenizer.n_bins``).
+        sampling: temperature / top-k / top-p.
+        generator: random source; the same seed gives the same samples.
+        unit_tokens: ID tokens that may be generated (e.g. one session's units); default all units.
+        use_cache: incremental decoding with the KV cache; False runs a full forward pass per
+            token (the reference implementation; identical samples, much slower).
+
+    Returns:
+        GeneratedWindows with (B, block_size) token tensors.
+    """
+    cfg = model.config
+    B, T = len(batch.past_ids), cfg.block_size
+    device = batch.past_ids.device
+    allowed = torch.zeros(cfg.id_vocab_size, dtype=torch.bool, device=device)
+    allowed[N_SPECIAL:] = True
+    if unit_tokens is not None:
+        allowed[N_SPECIAL:] = False
+        allowed[unit_tokens] = True
+    ids = torch.full((B, T), PAD, dtype=torch.long, device=device)
+    dts = torch.full((B, T), PAD, dtype=torch.long, device=device)
+    ids[:, 0], dts[:, 0] = SOS, SOS
+    last_id = torch.zeros(B, dtype=torch.long, device=device)  # below every unit: no constraint yet
+    last_bin = torch.zeros(B, dtype=torch.long, device=device)
+    counts = torch.zeros(B, dtype=torch.long, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, batch)
+    steps = 0
+    for t in range(T - 1):  # position t predicts token t + 1; a full block holds T - 1 spikes
+        id_logits, dt_logits = logits_at(ids, dts, t)
+        steps += 1
+        dt_ok = dt_constraint(last_bin, n_bins, cfg.dt_vocab_size)
+        new_dt = draw(dt_logits.masked_fill(~dt_ok, NEG_INF), sampling, generator)
+        id_ok = id_constraint(new_dt, last_id, last_bin, allowed)
+        new_id = draw(id_logits.masked_fill(~id_ok, NEG_INF), sampling, generator)
+        ended |= new_dt == EOS
+        live = ~ended
+        ids[live, t + 1], dts[live, t + 1] = new_id[live], new_dt[live]
+        counts += live
+        last_id = torch.where(live, new_id, last_id)
+        last_bin = torch.where(live, new_dt - N_SPECIAL, last_bin)
+        if ended.all():
+            break
+    return GeneratedWindows(ids, dts, counts, ended, steps)
+
+
+def _past_batch(spec: InputSpec, batch: Batch, t0: np.ndarray, streams: list[Spikes], unit_vocab: np.ndarray) -> Batch:
+    """``batch`` with its past-window tokens rebuilt from each row's spike stream."""
+    tok = spec.tokenizer
+    past_ids, past_dts = [], []
+    for start, (times, units) in zip(t0, streams):
+        enc = tok.encode(times, unit_vocab[units], np.array([start - tok.past_window]), tok.past_window,
+                         tok.max_past_tokens - 1)
+        seq = tok.past_sequences(enc)
+        past_ids.append(seq["past_ids"])
+        past_dts.append(seq["past_dts"])
+    as_t = lambda a: torch.from_numpy(np.concatenate(a)).to(batch.past_ids.device)  # noqa: E731
+    return batch._replace(past_ids=as_t(past_ids), past_dts=as_t(past_dts))
+
+
+def _recent(spikes: Spikes, since: float) -> Spikes:
+    """The spikes at or after ``since``."""
+    keep = spikes.times >= since
+    return Spikes(spikes.times[keep], spikes.units[keep])
+
+
+def simulate(
+    model: Neuroformer,
+    spec: InputSpec,
+    recording: Recording,
+    starts: np.ndarray,
+    n_windows: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    generator: torch.Generator | None = None,
+    closed_loop: bool = True,
+) -> list[Spikes]:
+    """Generate ``n_windows`` consecutive windows from each start time.
+
+    Row b covers ``[starts[b], starts[b] + n_windows * window)`` of ``recording``, with its true
+    stimulus and behaviour. Its first past window holds the true spikes; in closed loop every
+    later past window is made of what the model generated (true spikes before ``starts[b]``,
+    generated ones after), in open loop it is always the true past.
+
+    Args:
+        starts: (B,) start times, seconds; repeat a start to draw several samples of one stretch.
+
+    Returns:
+        B spike trains, units as rows of ``recording.units``; each spike at the centre of its dt bin.
+    """
+    tok = spec.tokenizer
+    unit_vocab = spec.vocab.indices(recording.units.names, recording.path)  # recording row -> vocabulary index
+    row_of_unit = np.full(len(spec.vocab), -1)
+    row_of_unit[unit_vocab] = np.arange(len(unit_vocab))
+    true = recording.units
+    starts = np.asarray(starts, dtype=np.float64)
+    # Each row's spike stream: the true spikes of the first past window, then what it generates.
+    in_first_past = [(true.spike_times >= s - tok.past_window) & (true.spike_times < s) for s in starts]
+    streams = [Spikes(true.spike_times[k], true.spike_units[k]) for k in in_first_past]
+    device = next(model.parameters()).device
+    unit_tokens = torch.as_tensor(unit_vocab + N_SPECIAL, device=device)
+    generated: list[list[Spikes]] = [[] for _ in starts]
+    for w in range(n_windows):
+        t0 = starts + w * tok.window
+        batch = WindowDataset([recording], spec, [t0]).__getitems__(range(len(t0)))
+        batch = Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch))
+        if closed_loop and w > 0:
+            batch = _past_batch(spec, batch, t0, streams, unit_vocab)
+        out = sample_windows(model, batch, tok.n_bins, sampling, generator, unit_tokens)
+        ids, dts = out.ids.cpu().numpy(), out.dts.cpu().numpy()
+        for b in range(len(starts)):
+            times, units = tok.decode(ids[b], dts[b], t0[b])
+            # Bin centres: re-tokenising them as the next past window is then exact.
+            window = Spikes(times + tok.resolution / 2, row_of_unit[units])
+            generated[b].append(window)
+            recent = _recent(streams[b], t0[b] + tok.window - tok.past_window)
+            streams[b] = Spikes(np.concatenate([recent.times, window.times]), np.concatenate([recent.units, window.units]))
+    return [Spikes(np.concatenate([g.times for g in gen]), np.concatenate([g.units for g in gen])) for gen in generated]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m neuroformer.inference.generate``: simulate a stretch of a recording's test block."""
+    from neuroformer.inference.loading import load, training_split
+
+    parser = cli.parser(
+        "python -m neuroformer.inference.generate",
+        "Generate spikes with a trained Neuroformer over consecutive windows of a recording's "
+        "split (default: the test block), conditioned on its true stimulus and behaviour.")
+    parser.add_argument("--model", required=True, help="checkpoint (.ckpt) or models:/NAME/VERSION|@ALIAS")
+    parser.add_argument("--data", required=True, type=Path, help="NWB recording")
+    parser.add_argument("--out", required=True, type=Path, help="output .npz (times, units, sample, unit_names)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--n-windows", type=int, default=20, help="consecutive windows per sample")
+    parser.add_argument("--samples", type=int, default=1, help="independent samples of the same stretch")
+    parser.add_argument("--open-loop", action="store_true", help="condition every window on the true past")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    loaded = load(args.model)
+    rec = read_nwb(args.data)
+    tok = loaded.spec.tokenizer
+    starts = window_starts(rec.start, rec.stop, training_split(loaded), args.split, tok.window, tok.past_window,
+                           tok.window)
+    if len(starts) == 0:
+        parser.error(f"{args.data}: no {args.split} windows")
+    start = float(starts[0])
+    span = args.n_windows * tok.window
+    generator = torch.Generator().manual_seed(args.seed)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    trains = simulate(loaded.model, loaded.spec, rec, np.full(args.samples, start), args.n_windows, sampling,
+                      generator, closed_loop=not args.open_loop)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        args.out,
+        times=np.concatenate([s.times for s in trains]),
+        units=np.concatenate([s.units for s in trains]),
+        sample=np.concatenate([np.full(len(s.times), k) for k, s in enumerate(trains)]),
+        unit_names=np.asarray(rec.units.names),
+        interval=np.array([start, start + span]),
+    )
+    true = rec.units.spike_times
+    n_true = int(((true >= start) & (true < start + span)).sum())
+    n_gen = np.mean([len(s.times) for s in trains])
+    print(f"{args.out}: {args.samples} sample(s) of [{start:.3f}, {start + span:.3f}) s "
+          f"({'open' if args.open_loop else 'closed'} loop): {n_gen:.0f} generated spikes per sample vs "
+          f"{n_true} true")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

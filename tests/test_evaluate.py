@@ -1,0 +1,128 @@
+"""``python -m neuroformer.evaluate`` end to end: a model trained by ``train.py``, as a checkpoint and
+as a registered model on a real MLflow tracking server; metrics.json, PNG plots and the MLflow run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pytest
+
+from neuroformer import plots
+from neuroformer.data.nwb import read_nwb
+from neuroformer.data.simulate import SimulationConfig, simulate_recording
+from neuroformer.data.splits import SplitSpec
+from neuroformer.errors import ModelMismatchError
+from neuroformer.evaluate import main
+from neuroformer.tracking import mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOTS = {"raster.png", "rate_calibration.png", "psth.png", "psth_correlation.png", "connectivity.png"}
+FAST = ["--n-samples", "2", "--max-windows", "40", "--batch-size", "40"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_sim_path):
+    """A tiny model trained for one short epoch by ``train.py``, registered on an MLflow server.
+
+    Yields the run folder and the server's URI (set as MLFLOW_TRACKING_URI while the tests run).
+    """
+    tmp = tmp_path_factory.mktemp("evaluate")
+    with mlflow_server(tmp / "server") as uri:
+        cmd = [sys.executable, "train.py", f"data.paths=[{small_sim_path}]", "model.n_embd=32", "model.n_head=2",
+               "model.n_layer=1", "model.patch=[1,8,8]", "trainer.max_epochs=1", "+trainer.limit_train_batches=8",
+               "+trainer.limit_val_batches=2", "registry.model_name=nf-eval", "registry.alias=champion",
+               f"paths.output_root={tmp}", f"hydra.run.dir={tmp}/run"]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            yield tmp / "run", uri
+        finally:
+            if previous is None:
+                del os.environ["MLFLOW_TRACKING_URI"]
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def repeated_test_trials(path: Path) -> int:
+    """Trials with clip_id >= 0 whose span and preceding past window (0.15 s) lie in the test block."""
+    rec = read_nwb(path)
+    names = SplitSpec(seed=42).assign()  # the training split of the fixture's run (seed 42)
+    edges = np.linspace(rec.start, rec.stop, len(names) + 1)
+    (b,) = np.flatnonzero(names == "test")
+    t = rec.trials
+    return int(((t.columns["clip_id"] >= 0) & (t.start - 0.15 >= edges[b]) & (t.stop <= edges[b + 1])).sum())
+
+
+def test_checkpoint_evaluation_writes_metrics_and_plots(trained, small_sim_path, tmp_path, monkeypatch):
+    run, _ = trained
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a checkpoint needs no server; nothing is logged
+    checkpoint = next((run / "checkpoints").glob("best*.ckpt"))
+    assert main(["--model", str(checkpoint), "--out", str(tmp_path), *FAST]) == 0  # data: the training file
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    m = summary["metrics"]
+    assert summary["data"] == str(small_sim_path) and summary["settings"]["split"] == "test"
+    assert m["windows"] == 40 and m["units"] == 40
+    # The true spikes counted are those of the first 40 test windows, from the block's start + past window.
+    rec = read_nwb(small_sim_path)
+    names = SplitSpec(seed=42).assign()
+    t0 = np.linspace(rec.start, rec.stop, len(names) + 1)[np.flatnonzero(names == "test")[0]] + 0.15
+    assert m["true_spikes"] == ((rec.units.spike_times >= t0) & (rec.units.spike_times < t0 + 40 * 0.05)).sum()
+    assert np.isfinite(m["bits_per_spike"]) and m["rate_ratio"] > 0
+    assert 0 <= m["spike_f1"] <= 1 and 0 <= m["poisson_spike_f1"] <= 1
+    assert m["psth_trials"] == repeated_test_trials(small_sim_path) > 0
+    assert -1 <= m["psth_r_median"] <= 1
+    assert 0 <= m["connectivity_auroc"] <= 1 and m["connectivity_n_links"] > 0
+    assert set(summary["plots"]) == PLOTS
+    for name in PLOTS:
+        image = matplotlib.image.imread(tmp_path / name)
+        assert image.shape[0] > 300 and image.shape[1] > 400 and image.std() > 0.01, name  # drawn, not blank
+
+
+def test_registered_model_evaluation_is_logged_to_mlflow(trained, tmp_path, capsys):
+    _, uri = trained
+    out = tmp_path / "eval"
+    assert main(["--model", "models:/nf-eval@champion", "--out", str(out), "--no-connectivity", *FAST]) == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["model"] == "models:/nf-eval@champion"
+    assert "connectivity.png" not in summary["plots"] and "connectivity_auroc" not in summary["metrics"]
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["evaluate"], output_format="list")
+    assert run.data.metrics["bits_per_spike"] == pytest.approx(summary["metrics"]["bits_per_spike"])
+    assert run.data.tags["neuroformer.model"] == "models:/nf-eval@champion"
+    assert run.data.params["n_samples"] == "2"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert logged == {"metrics.json", *summary["plots"]}
+    assert uri in capsys.readouterr().out
+
+
+def test_a_recording_with_other_units_is_refused(trained, tmp_path):
+    run, _ = trained
+    other = simulate_recording(tmp_path / "other.nwb", SimulationConfig(seed=5, n_units=5, duration=12.0))
+    checkpoint = next((run / "checkpoints").glob("best*.ckpt"))
+    with pytest.raises(ModelMismatchError, match=r"other\.nwb: units: .*not in the model.s unit vocabulary"):
+        main(["--model", str(checkpoint), "--data", str(other), "--out", str(tmp_path / "x"), *FAST])
+
+
+def test_behavior_and_connectivity_figures_show_their_inputs(tmp_path):
+    t = np.linspace(0, 10, 200)
+    true, pred = np.sin(t), 0.8 * np.sin(t) + 0.1
+    fig = plots.behavior_trace(t, true, pred, "running_speed", {"R^2": 0.9})
+    lines = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(lines[0].get_ydata(), true)
+    np.testing.assert_array_equal(lines[1].get_ydata(), pred)
+    assert "R^2 = 0.900" in fig.axes[0].get_title()
+    weights = np.zeros((6, 6))
+    weights[0, 3], weights[2, 5] = 1.0, -1.5
+    fig = plots.connectivity_matrices(weights + 0.01, weights)
+    np.testing.assert_array_equal(fig.axes[0].get_images()[0].get_array(), weights)
+    for name, figure in (("behavior.png", plots.behavior_trace(t, true)), ("connectivity.png", fig)):
+        image = matplotlib.image.imread(plots.save(figure, tmp_path / name))
+        assert image.std() > 0.01, name
