@@ -13,9 +13,11 @@ global figure state: safe in a headless job); ``save`` writes it as PNG with the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -23,10 +25,12 @@ TRUE_COLOR, MODEL_COLOR = "black", "tab:red"
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG (Agg renderer); returns the path."""
+    """Write ``fig`` as a PNG (Agg renderer), atomically (a temporary file renamed); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_figure(str(path), dpi=dpi, format="png")
+    partial = path.with_name(f".{path.name}.partial")
+    FigureCanvasAgg(fig).print_figure(str(partial), dpi=dpi, format="png")
+    os.replace(partial, path)
     return path
 
 
@@ -152,15 +156,17 @@ def rate_calibration(pred_hz: np.ndarray, true_hz: np.ndarray) -> Figure:
 
 
 def behavior_trace(times: np.ndarray, true: np.ndarray, pred: np.ndarray | None = None, name: str = "behaviour",
-                   scores: dict[str, float] | None = None) -> Figure:
+                   scores: dict[str, float] | None = None, ax: Axes | None = None) -> Figure:
     """A behaviour variable over time, true and (if given) predicted.
 
     Args:
         times: (N,) seconds. true: (N,) values. pred: (N,) predictions of the same samples, or None.
         scores: e.g. ``{"R^2": 0.6, "r": 0.8}``, shown in the title.
+        ax: draw into this axes of an existing figure (one panel per variable) instead of a new figure.
     """
-    fig = Figure(figsize=(11, 3.5), layout="constrained")
-    ax = fig.subplots()
+    if ax is None:
+        ax = Figure(figsize=(11, 3.5), layout="constrained").subplots()
+    fig = ax.figure
     ax.plot(times, true, color=TRUE_COLOR, lw=1, label="true")
     if pred is not None:
         ax.plot(times, pred, color=MODEL_COLOR, lw=1, label="predicted")

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from neuroformer import registry
+from neuroformer import plots, registry
 from neuroformer.data.datamodule import NWBDataModule
 from neuroformer.distributed.checkpoints import is_sharded_checkpoint, load_neuroformer
 from neuroformer.distributed.preemption import resume_checkpoint
@@ -127,8 +127,10 @@ def train(cfg: DictConfig) -> float:
         metrics_run = {}
     summary = {**metrics, **metrics_run, "model_uri": model_uri, "best_checkpoint": best}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    artifacts = [out_dir / "metrics.json"] + [plots.save(fig, out_dir / name) for name, fig in task.figures().items()]
     if mlflow_logger is not None and not trainer.fast_dev_run:
-        mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(out_dir / "metrics.json"))
+        for path in artifacts:
+            mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(path))
 
     print(
         f"\nTest ID cross-entropy {metrics['test/id_ce']:.4f} nats vs unigram baseline "

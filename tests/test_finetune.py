@@ -209,3 +209,6 @@ def test_a_tiny_few_shot_run_predicts_speed_better_than_the_mean(small_sim_path,
     metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     # R^2 > 0 beats predicting the test block's own mean; the training mean does worse still.
     assert metrics["test/behavior_r2"] > 0.3 > metrics["test/behavior_r2_train_mean"], metrics
+    # The run folder shows it: true vs predicted speed over the test block, as a PNG.
+    png = Path(cfg.paths.output_dir) / "behavior.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

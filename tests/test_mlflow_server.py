@@ -170,6 +170,8 @@ def test_model_registered_on_the_server_is_loaded_by_alias_in_other_processes(
     assert result.returncode == 0, result.stderr[-4000:]
     tuned = json.loads((finetune_root / "run" / "metrics.json").read_text())
     assert tuned["mlflow_tracking_uri"] == tracking
+    logged = {a.path for a in MlflowClient(tracking).list_artifacts(tuned["mlflow_run_id"])}
+    assert {"metrics.json", "behavior.png"} <= logged, logged  # true vs predicted speed, on the server
     tuned_ckpt = torch.load(tuned["best_checkpoint"], map_location="cpu", weights_only=True)
     assert tuned_ckpt["neuroformer"]["pretrained"] == "models:/nf-server@champion"
     for key, value in reference.state_dict().items():  # the frozen backbone is the registered model

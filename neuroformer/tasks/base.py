@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 import torch
+from matplotlib.figure import Figure
 
 from neuroformer.data.dataset import Batch
 
@@ -37,6 +38,10 @@ class NeuroformerTask(L.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def figures(self) -> dict[str, Figure]:
+        """PNG file name -> figure of the last test, saved in the run folder and logged by ``train()``."""
+        return {}
 
     def _log_loss(self, split: str, loss: torch.Tensor, batch_size: int) -> None:
         """The weighted total loss: per step while training, per epoch everywhere (mean over ranks)."""

@@ -24,8 +24,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import R2Score
@@ -34,7 +36,8 @@ from neuroformer.data.dataset import Batch, InputSpec
 from neuroformer.data.targets import IGNORE
 from neuroformer.data.tokenizer import PAD
 from neuroformer.data.vocabulary import UnitVocabulary
-from neuroformer.metrics.behavior import behavior_metrics
+from neuroformer import plots
+from neuroformer.metrics.behavior import behavior_metrics, behavior_scores
 from neuroformer.models.heads import BehaviorHead, model_inputs, window_features
 from neuroformer.models.neuroformer import Neuroformer
 from neuroformer.models.transfer import ID_ROWS, new_id_rows
@@ -120,6 +123,7 @@ class FinetuneTask(NeuroformerTask):
         self.save_hyperparameters(ignore=["model", "spec", "pretrained_vocab"])
         self._mask_known_rows()
         self._build_metrics()
+        self._test_rows: list[tuple[np.ndarray, ...]] = []  # (t0, session, pred, target) of test batches
 
     # ------------------------------------------------------------------ what trains when
 
@@ -218,6 +222,9 @@ class FinetuneTask(NeuroformerTask):
         if pred is not None:
             losses["behavior"] = self._behavior_loss(pred, batch.target_behavior)
             self._update_scores(split, pred, batch.target_behavior)
+            if split == "test":
+                self._test_rows.append(tuple(t.detach().cpu().numpy() for t in
+                                             (batch.t0, batch.session, pred, batch.target_behavior)))
         loss = sum(w * losses[k] for k, w in self.loss_weights.items() if w)
         bs, n_tokens = batch.ids.shape[0], (batch.target_ids != PAD).sum()
         for key, value, weight in (("id_ce", losses["id_ce"], n_tokens), ("dt_ce", losses["dt_ce"], n_tokens),
@@ -247,6 +254,27 @@ class FinetuneTask(NeuroformerTask):
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = []
+
+    def figures(self) -> dict[str, Figure]:
+        """``behavior.png``: each regression target over this rank's test windows of the first
+        session, true vs predicted, in the variable's units (empty without a regression target)."""
+        if self.target is None or self.target.kind != "regression" or not self._test_rows:
+            return {}
+        t0, session, pred, true = (np.concatenate(c) for c in zip(*self._test_rows))
+        keep = session == session.min()
+        order = np.argsort(t0[keep])
+        mean, std = np.asarray(self.target.mean), np.asarray(self.target.std)
+        pred, true = pred[keep][order] * std + mean, true[keep][order] * std + mean
+        times = t0[keep][order] + self.spec.tokenizer.window / 2
+        fig = Figure(figsize=(11, 3.2 * len(self.target.names)), layout="constrained")
+        for i, (ax, name) in enumerate(zip(np.atleast_1d(fig.subplots(len(self.target.names))), self.target.names)):
+            scores = behavior_scores(pred[:, i], true[:, i])
+            plots.behavior_trace(times, true[:, i], pred[:, i], name,
+                                 {"R^2": scores["r2/0"], "r": scores["pearson_r/0"]}, ax=ax)
+        return {"behavior.png": fig}
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")
