@@ -250,7 +250,12 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path: Path,
     assert load_ground_truth(target).n_units == 5 and list(tmp_path.iterdir()) == [target]
 
 
-def test_cli(tmp_path: Path) -> None:
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # every option's default shown once, from SimulationConfig; none for the required --out
+    assert f"(default: {SimulationConfig().n_units})" in text and "(default: None)" not in text
     out = tmp_path / "sub" / "cli.nwb"
     assert main(["--out", str(out), "--n-units", "6", "--duration", "3", "--seed", "4",
                  "--quiet"]) == 0
