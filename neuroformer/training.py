@@ -24,6 +24,7 @@ from neuroformer.data.datamodule import NWBDataModule
 from neuroformer.distributed.checkpoints import is_sharded_checkpoint, load_neuroformer
 from neuroformer.distributed.preemption import resume_checkpoint
 from neuroformer.distributed.slurm import cluster_plugins
+from neuroformer.evaluate import EvaluationConfig, evaluate
 from neuroformer.metrics.baselines import unigram_cross_entropy
 from neuroformer.models.transfer import extend_vocabulary
 from neuroformer.tracking import tracking_uri, use_tracking_uri
@@ -63,6 +64,13 @@ def _active_run(logger: MLFlowLogger) -> Iterator[mlflow.ActiveRun]:
     mlflow.set_experiment(experiment_id=logger.experiment_id)
     with mlflow.start_run(run_id=logger.run_id) as run:
         yield run
+
+
+def _headline(m: dict[str, float]) -> str:
+    """The evaluation numbers a person reads first."""
+    keys = {"bits_per_spike": "bits/spike", "psth_r_median": "PSTH r", "spike_f1": "spike F1",
+            "connectivity_auroc": "connectivity AUROC"}
+    return ", ".join(f"{label} {m[k]:.3f}" for k, label in keys.items() if k in m)
 
 
 def train(cfg: DictConfig) -> float:
@@ -110,15 +118,17 @@ def train(cfg: DictConfig) -> float:
     if not trainer.is_global_zero:  # test metrics are synced across ranks; rank 0 alone logs and registers
         return metrics[cfg.get("optimized_metric", "test/id_ce")]
 
+    logging_run = mlflow_logger is not None and not trainer.fast_dev_run
+    # A sharded (DeepSpeed) checkpoint is consolidated into a fresh model with full fp32 weights.
+    best_model = load_neuroformer(best)[0] if best and is_sharded_checkpoint(best) else task.model
+    train_config = OmegaConf.to_yaml(cfg, resolve=True)
     model_uri = None
-    if mlflow_logger is not None and not trainer.fast_dev_run:
+    if logging_run:
         with use_tracking_uri(mlflow_logger._tracking_uri), _active_run(mlflow_logger):
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items() if np.isfinite(v)})
             reg = cfg.get("registry") or {}
-            # A sharded (DeepSpeed) checkpoint is consolidated into a fresh model with full fp32 weights.
-            best_model = load_neuroformer(best)[0] if best and is_sharded_checkpoint(best) else task.model
             model_uri = registry.log_model(
-                best_model, datamodule.spec, OmegaConf.to_yaml(cfg, resolve=True),
+                best_model, datamodule.spec, train_config,
                 registered_name=reg.get("model_name") if reg.get("register", True) else None,
                 alias=reg.get("alias"),
             )
@@ -128,9 +138,19 @@ def train(cfg: DictConfig) -> float:
     summary = {**metrics, **metrics_run, "model_uri": model_uri, "best_checkpoint": best}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     artifacts = [out_dir / "metrics.json"] + [plots.save(fig, out_dir / name) for name, fig in task.figures().items()]
-    if mlflow_logger is not None and not trainer.fast_dev_run:
+    evaluation = None
+    if cfg.get("evaluate") and not trainer.fast_dev_run:
+        loaded = registry.LoadedModel(best_model.eval(), datamodule.spec, train_config, model_uri or best)
+        evaluation = evaluate(loaded, datamodule.recordings[0], out_dir / "evaluation",
+                              EvaluationConfig(**OmegaConf.to_container(cfg.evaluate, resolve=True)))
+    if logging_run:
         for path in artifacts:
             mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(path))
+        if evaluation is not None:
+            mlflow_logger.log_metrics({f"eval/{k}": v for k, v in evaluation["metrics"].items() if np.isfinite(v)})
+            for name in ["metrics.json", *evaluation["plots"]]:
+                mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(out_dir / "evaluation" / name),
+                                                      "evaluation")
 
     print(
         f"\nTest ID cross-entropy {metrics['test/id_ce']:.4f} nats vs unigram baseline "
@@ -140,5 +160,6 @@ def train(cfg: DictConfig) -> float:
         + f"Run folder:  {out_dir}\nMetrics:     {out_dir / 'metrics.json'}\n"
         + (f"MLflow:      {metrics_run['mlflow_tracking_uri']} (run {metrics_run['mlflow_run_id']})\n" if metrics_run else "")
         + (f"Model:       {model_uri}\n" if model_uri else "")
+        + (f"Evaluation:  {out_dir / 'evaluation'} ({_headline(evaluation['metrics'])})\n" if evaluation else "")
     )
     return metrics[cfg.get("optimized_metric", "test/id_ce")]

@@ -16,6 +16,7 @@ from neuroformer import registry
 from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.splits import window_starts
+from neuroformer.evaluate import EvaluationConfig, evaluate
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 from neuroformer.training import train
 from tests.configs import EXPERIMENTS, compose
@@ -63,6 +64,20 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
         expected = reference(batch)
         got = loaded.model(batch)
     torch.testing.assert_close(got.id_logits, expected.id_logits, rtol=0, atol=0)
+
+    # The run evaluated that model's generations: files in the run folder, the same in its MLflow run,
+    # and the numbers `python -m neuroformer.evaluate` gives for the registered model.
+    evaluation = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert evaluation["model"] == "models:/nf-test/1"
+    assert {"raster.png", "rate_calibration.png", "psth.png", "connectivity.png"} <= set(evaluation["plots"])
+    again = evaluate(loaded, rec, tmp_path / "again", EvaluationConfig(**cfg.evaluate))["metrics"]
+    for key in ("bits_per_spike", "spike_f1", "psth_r_median", "connectivity_auroc"):
+        assert np.isfinite(again[key]) and evaluation["metrics"][key] == pytest.approx(again[key], rel=1e-6), key
+    run = mlflow.get_run(metrics["mlflow_run_id"])
+    assert run.data.metrics["eval/bits_per_spike"] == pytest.approx(again["bits_per_spike"], rel=1e-6)
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert {f"evaluation/{name}" for name in ["metrics.json", *evaluation["plots"]]} == logged
+
     # The MLflow pyfunc flavour gives the same logits.
     pyfunc = mlflow.pyfunc.load_model("models:/nf-test/1")
     inputs = {k: getattr(batch, k).numpy() for k in ("ids", "dts", "past_ids", "past_dts", "frames", "behavior")}

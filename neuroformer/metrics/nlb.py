@@ -90,6 +90,7 @@ class BitsPerSpike(Metric):
 
 def bits_per_spike(rates: np.ndarray | torch.Tensor, spikes: np.ndarray | torch.Tensor) -> float:
     """NLB bits per spike of ``rates`` (..., U) against ``spikes`` (..., U); see the module docstring."""
-    metric = BitsPerSpike(n_units=int(np.shape(spikes)[-1]))
+    # Local arrays: never gathered across ranks, even inside a distributed job.
+    metric = BitsPerSpike(n_units=int(np.shape(spikes)[-1]), sync_on_compute=False)
     metric.update(rates, spikes)
     return float(metric.compute())

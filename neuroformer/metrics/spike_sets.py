@@ -111,6 +111,6 @@ class SpikeSetF1(Metric):
 def spike_set_scores(pred: np.ndarray | torch.Tensor, true: np.ndarray | torch.Tensor, tolerance: int = 1
                      ) -> dict[str, float]:
     """``SpikeSetF1`` of one set of windows, as plain floats."""
-    metric = SpikeSetF1(tolerance)
+    metric = SpikeSetF1(tolerance, sync_on_compute=False)  # local arrays: never gathered across ranks
     metric.update(pred, true)
     return {k: float(v) for k, v in metric.compute().items()}
