@@ -57,7 +57,8 @@ from neuroformer.tracking import tracking_uri
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SEED = 42  # one time-block split for every run: seeds vary the training, not the test block
 QUIET = ["logger=none", "~callbacks.lr_monitor"]  # fine-tuning runs: metrics.json only, no MLflow run
-NAMES = ["pretrained", "scratch", "pretrained_frozen", "pretrained_all", "pretrained_best", "scratch_best"]
+NAMES = ["pretrained", "scratch", "pretrained_frozen", "pretrained_all", "pretrained_full_lr", "pretrained_best",
+         "scratch_best"]
 
 
 def simulate(path: Path, seed: int, extra: list[str]) -> Path:
@@ -157,7 +158,8 @@ def variants(uri: str, val_metric: str, mode: str, frozen: list[str]) -> dict[st
 
     ``pretrained`` follows the experiment's stages; ``pretrained_frozen`` trains only ``frozen``
     (the head, or the new units' rows) and never the rest; ``pretrained_all`` trains everything
-    from the first step at the full learning rate, like ``scratch``. The ``_best`` variants test the
+    from the first step at the full learning rate, like ``scratch``; ``pretrained_full_lr`` follows the
+    experiment's stages but trains the backbone at the head's full learning rate. The ``_best`` variants test the
     checkpoint with the best validation score (every 100 steps) instead of the last: early stopping
     on the whole validation block, more held-out data than a few-shot user has; it shows how much
     of a gap is overfitting of the fixed step budget.
@@ -167,6 +169,7 @@ def variants(uri: str, val_metric: str, mode: str, frozen: list[str]) -> dict[st
     return {"pretrained": ([pretrained], True), "scratch": ([], True),
             "pretrained_frozen": ([pretrained, f"task.stages=[{{train: {frozen}}}]"], False),
             "pretrained_all": ([pretrained, "task.stages=[{train: all}]", "task.backbone_lr_ratio=1.0"], False),
+            "pretrained_full_lr": ([pretrained, "task.backbone_lr_ratio=1.0"], False),
             "pretrained_best": ([pretrained, *best], False), "scratch_best": (best, False)}
 
 
