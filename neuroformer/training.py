@@ -140,7 +140,9 @@ def train(cfg: DictConfig) -> float:
     artifacts = [out_dir / "metrics.json"] + [plots.save(fig, out_dir / name) for name, fig in task.figures().items()]
     evaluation = None
     if cfg.get("evaluate") and not trainer.fast_dev_run:
-        loaded = registry.LoadedModel(best_model.eval(), datamodule.spec, train_config, model_uri or best)
+        # On the training device (a consolidated sharded model comes back on the CPU).
+        loaded = registry.LoadedModel(best_model.to(trainer.strategy.root_device).eval(), datamodule.spec,
+                                      train_config, model_uri or best)
         evaluation = evaluate(loaded, datamodule.recordings[0], out_dir / "evaluation",
                               EvaluationConfig(**OmegaConf.to_container(cfg.evaluate, resolve=True)))
     if logging_run:
