@@ -96,3 +96,15 @@ def test_decay_groups_cover_every_parameter_once():
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.dim() >= 2 for p in decay["params"])
     assert any(p is model.id_embedding.weight for p in no_decay["params"])
+
+
+def test_attention_dropout_is_its_own_setting():
+    """``attn_dropout`` alone randomises training-mode attention; ``dropout`` stays off here."""
+    batch = make_batch()
+    for attn_dropout, random in ((0.0, False), (0.5, True)):
+        model = make_model(attn_dropout=attn_dropout).train()
+        a, b = model(batch).id_logits, model(batch).id_logits
+        assert torch.equal(a, b) is not random, attn_dropout
+        assert all(block.self_attn.dropout == attn_dropout for block in model.blocks)
+    model.eval()
+    assert torch.equal(model(batch).id_logits, model(batch).id_logits)
