@@ -123,7 +123,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: NeuroformerConfig):
         super().__init__()
-        # Dropout on the attention probabilities, apart from the residual/embedding dropout:
+        # Dropout on the attention probabilities, apart from the embedding/MLP dropout:
         # on CPU its random mask over every (query, key) pair is ~40% of a training step.
         self.n_head, self.dropout = cfg.n_head, cfg.attn_dropout
         self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
