@@ -1,0 +1,174 @@
+"""The sparse-data RNN family: dynamics metrics, trial data, the RNN, its losses, training end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuroformer.data.nwb import read_nwb
+from neuroformer.data.simulate_reaching import ReachingConfig, simulate_reaching
+from neuroformer.data.trials import TrialDataModule, TrialSpec, choose_recorded, split_trials
+from neuroformer.errors import ModelMismatchError, RecordingError
+from neuroformer.metrics.dynamics import canonical_correlations, cca_similarity, linear_cka, ridge_r2
+from neuroformer.models.rnn import RateRNN, RNNConfig
+
+SMALL = ReachingConfig(seed=2, n_units=30, trials_per_condition=5)
+
+
+@pytest.fixture(scope="module")
+def reach_path(tmp_path_factory) -> Path:
+    """A small simulated reaching session (read-only)."""
+    return simulate_reaching(tmp_path_factory.mktemp("reach") / "reach.nwb", SMALL)
+
+
+def _datamodule(path: Path, **kw) -> TrialDataModule:
+    dm = TrialDataModule(paths=[str(path)], **kw)
+    dm.setup()
+    return dm
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _trajectories(rng: np.random.Generator, n_cond: int = 8, n_t: int = 60, dim: int = 4, units: int = 30):
+    """(C, T, units) smooth low-dimensional trajectories: random mixtures of oscillations."""
+    t = np.linspace(0, 1, n_t)
+    latent = np.stack([np.stack([np.sin(2 * np.pi * (1 + k) * t + rng.uniform(0, 2 * np.pi)) for k in range(dim)],
+                                axis=-1) for _ in range(n_cond)])
+    return latent @ rng.standard_normal((dim, units))
+
+
+def test_metrics_are_one_for_identical_and_invariant_where_they_claim():
+    rng = np.random.default_rng(0)
+    x = _trajectories(rng)
+    assert cca_similarity(x, x, k=4) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert np.nanmin(ridge_r2(x, x, alpha=1e-6)) == pytest.approx(1.0, abs=1e-4)
+    # CCA ignores any invertible linear map (and added units); CKA rotations and scale only.
+    mixed = np.concatenate([x @ rng.standard_normal((30, 30)), x[..., :5]], axis=-1)
+    assert cca_similarity(x, mixed, k=4) == pytest.approx(1.0, abs=1e-9)
+    rotation = np.linalg.qr(rng.standard_normal((30, 30)))[0]
+    assert linear_cka(x, 3.0 * x @ rotation) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_metrics_are_near_zero_for_unrelated_trajectories():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((8, 400, 5)), rng.standard_normal((8, 400, 5))
+    # Independent samples: canonical correlations of k dims in n samples are about sqrt(k / n).
+    assert cca_similarity(a, b, k=5) < 0.06
+    assert linear_cka(a, b) < 0.01
+    assert abs(np.nanmean(ridge_r2(a, b))) < 0.01
+
+
+def test_ridge_r2_matches_the_noise_it_was_given():
+    rng = np.random.default_rng(2)
+    x = _trajectories(rng, n_t=200, units=10)
+    signal = x @ rng.standard_normal((10, 3))
+    noise = rng.standard_normal(signal.shape) * signal.std(axis=(0, 1))  # equal variance: R^2 = 1/2
+    r2 = ridge_r2(x, signal + noise, alpha=1e-6)
+    np.testing.assert_allclose(r2, 0.5, atol=0.03)
+    # The first canonical correlation of a noisy copy is the signal's correlation, 1/sqrt(2).
+    rho = canonical_correlations(signal, signal[..., :1] + noise[..., :1], k=3)
+    assert rho[0] == pytest.approx(1 / np.sqrt(2), abs=0.02)
+
+
+def test_ridge_r2_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="same C and T"):
+        ridge_r2(np.zeros((4, 10, 3)), np.zeros((4, 11, 2)))
+
+
+# --------------------------------------------------------------------------- trial data
+
+
+def test_trials_become_aligned_tensors(reach_path):
+    dm = _datamodule(reach_path, record_fraction=0.2, bin_size=0.02, window=(-0.6, 0.9))
+    spec, rec = dm.spec, read_nwb(reach_path)
+    assert spec.n_bins == 75 and spec.n_inputs == 3 and spec.n_outputs == SMALL.n_muscles
+    assert spec.n_recorded == round(0.2 * SMALL.n_units) == dm.data["train"].counts.shape[-1]
+    train = dm.data["train"]
+    k, row = 0, int(train.trial[0])
+    go, on = rec.trials.columns["go_cue_time"][row], rec.trials.columns["target_on_time"][row]
+    edges = go - 0.6 + np.arange(76) * 0.02
+    # Inputs: the target from its onset to the go cue, then a 50 ms pulse (area = pulse / bin).
+    held = (edges[:-1] >= on - 1e-9) & (edges[1:] <= go + 1e-9)
+    np.testing.assert_allclose(train.inputs[k, held, 0], rec.trials.columns["target_x"][row], atol=1e-6)
+    np.testing.assert_allclose(train.inputs[k, ~held, :2], 0, atol=1e-6)
+    assert train.inputs[k, :, 2].sum() == pytest.approx(0.05 / 0.02)
+    # Counts: the recorded units' spikes in each bin; behaviour: the EMG at bin centres.
+    unit = rec.units.names.index(spec.recorded[0])
+    np.testing.assert_array_equal(train.counts[k, :, 0], np.histogram(rec.units.spikes_of(unit), edges)[0])
+    np.testing.assert_allclose(train.behavior[k], rec.behavior["emg"].at(edges[:-1] + 0.01), rtol=1e-6)
+    assert TrialSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_splits_hold_out_whole_conditions_and_validation_trials(reach_path):
+    dm = _datamodule(reach_path, test_conditions=[1, 5], val_fraction=0.2, split_seed=3)
+    trials = {s: set(d.trial.tolist()) for s, d in dm.data.items()}
+    assert not (trials["train"] & trials["val"]) and not (trials["train"] & trials["test"])
+    assert len(set.union(*trials.values())) == SMALL.n_trials
+    rec = read_nwb(reach_path)
+    conditions = rec.trials.columns["condition"]
+    assert trials["test"] == set(np.flatnonzero(np.isin(conditions, [1, 5])).tolist())
+    for c in set(range(8)) - {1, 5}:  # one of each training condition's 5 trials validates
+        assert sum(conditions[t] == c for t in trials["val"]) == 1
+    # Normalisation comes from training trials only.
+    np.testing.assert_allclose(dm.spec.behavior_mean, dm.data["train"].behavior.mean(axis=(0, 1)), rtol=1e-5)
+
+
+def test_recorded_subsets_are_seeded_and_nested(reach_path):
+    rec = read_nwb(reach_path)
+    small, large = choose_recorded(rec, 0.1, None, 7), choose_recorded(rec, 0.5, None, 7)
+    assert len(small) == 3 and len(large) == 15 and set(small) <= set(large)
+    assert choose_recorded(rec, 0.1, None, 8) != small
+    assert len(choose_recorded(rec, 0.9, 4, 7)) == 4  # a count wins over the fraction
+    assert choose_recorded(rec, 0.0, None, 7) == ()
+    split = split_trials(np.array([0, 0, 0, 1, 1, 2]), np.array([2]), 0.5, 0)
+    assert set(split["test"]) == {5} and len(split["val"]) == 2 + 1 and len(split["train"]) == 1 + 1
+
+
+@pytest.mark.parametrize("option, value, field", [
+    ("condition", "direction", "trials/direction"),
+    ("target", ["target_x", "reach_y"], "trials/reach_y"),
+    ("go_cue", "go", "trials/go"),
+    ("behavior", ["emg", "hand_speed"], "behavior/hand_speed"),
+    ("test_conditions", [1, 9], "trials/condition"),
+    ("record_count", 31, "units"),
+])
+def test_data_errors_name_the_file_and_field(reach_path, option, value, field):
+    with pytest.raises(RecordingError) as err:
+        _datamodule(reach_path, **{option: value})
+    assert err.value.path == str(reach_path) and err.value.field == field
+    assert str(err.value).startswith(f"{reach_path}: {field}: ")
+
+
+def test_a_recording_without_reaching_trials_is_refused(small_sim_path):
+    with pytest.raises(RecordingError, match=r"small_sim\.nwb: trials/condition: no such column"):
+        _datamodule(small_sim_path)
+
+
+def test_a_window_outside_the_behaviour_is_refused(reach_path):
+    with pytest.raises(RecordingError, match=r"behavior/emg: trial \d+: its window"):
+        _datamodule(reach_path, window=(-1.0, 0.9))  # the first trial starts 0.8 s before its go cue
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def test_rnn_shapes_and_designated_units(reach_path):
+    spec = _datamodule(reach_path, record_count=4).spec
+    model = RateRNN.build(spec, hidden=16)
+    out = model(torch.zeros(3, spec.n_bins, spec.n_inputs))
+    assert out.states.shape == (3, spec.n_bins, 16) and out.outputs.shape == (3, spec.n_bins, spec.n_outputs)
+    # Recorded neuron k reads unit k alone: its log rate is an affine map of that unit's activity.
+    with torch.no_grad():
+        model.neuron_gain.copy_(torch.arange(1.0, 5.0))
+        out = model(torch.randn(2, spec.n_bins, spec.n_inputs))
+    torch.testing.assert_close(out.log_rates, out.states[..., :4] * torch.arange(1.0, 5.0) + model.neuron_bias)
+    # Before training, outputs sit at the data's mean and neurons at their mean training rate.
+    torch.testing.assert_close(model.neuron_bias.exp(), torch.tensor(spec.unit_mean_count).clamp_min(1e-3))
+    with pytest.raises(ModelMismatchError, match="hidden=3"):
+        RateRNN(RNNConfig(n_inputs=3, n_outputs=2, n_recorded=4, hidden=3))
