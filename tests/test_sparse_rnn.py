@@ -172,3 +172,92 @@ def test_rnn_shapes_and_designated_units(reach_path):
     torch.testing.assert_close(model.neuron_bias.exp(), torch.tensor(spec.unit_mean_count).clamp_min(1e-3))
     with pytest.raises(ModelMismatchError, match="hidden=3"):
         RateRNN(RNNConfig(n_inputs=3, n_outputs=2, n_recorded=4, hidden=3))
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def _task(dm: TrialDataModule, **kw):
+    from neuroformer.tasks.sparse_rnn import SparseRNNTask
+
+    torch.manual_seed(0)
+    return SparseRNNTask(RateRNN.build(dm.spec, hidden=32), dm.spec, **kw)
+
+
+@pytest.mark.parametrize("activity_loss", ["poisson", "mse"])
+def test_lambda_zero_ignores_activity_exactly(reach_path, activity_loss):
+    dm = _datamodule(reach_path, record_count=6)
+    batch = next(iter(dm.train_dataloader()))
+    scrambled = batch._replace(counts=torch.full_like(batch.counts, float("nan")))  # any activity at all
+    task = _task(dm, activity_weight=0.0, activity_loss=activity_loss)
+    task.log = lambda *a, **k: None  # no trainer attached: step's logging is not under test here
+
+    def loss_and_grads(b):
+        task.zero_grad()
+        loss = task.step(b, "train")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() if p.grad is not None else None for p in task.model.parameters()]
+
+    (loss, grads), (loss2, grads2) = loss_and_grads(batch), loss_and_grads(scrambled)
+    assert torch.equal(loss, loss2) and loss == task.losses(task.model(batch.inputs), batch)["output"]
+    for g, g2 in zip(grads, grads2):
+        assert (g is None and g2 is None) or torch.equal(g, g2)
+    assert task.model.neuron_gain.grad is None and task.model.neuron_bias.grad is None  # not in the loss
+    # With a weight, the activity does count.
+    weighted = _task(dm, activity_weight=2.0, activity_loss=activity_loss)
+    weighted.log = lambda *a, **k: None
+    losses = weighted.losses(weighted.model(batch.inputs), batch)
+    torch.testing.assert_close(weighted.step(batch, "train"), losses["output"] + 2.0 * losses["activity"])
+
+
+def test_activity_losses_against_their_formulas():
+    from neuroformer.tasks.sparse_rnn import poisson_loss, smooth, smoothed_rate_mse
+
+    log_rates = torch.randn(2, 7, 3)
+    counts = torch.poisson(torch.full((2, 7, 3), 0.7))
+    expected = (log_rates.exp() - counts * log_rates).mean()
+    torch.testing.assert_close(poisson_loss(log_rates, counts, torch.ones(3), 0.0), expected)
+    mean = torch.tensor([0.5, 1.0, 2.0])
+    torch.testing.assert_close(smoothed_rate_mse(log_rates, counts, mean, 0.0),
+                               ((log_rates.exp() - counts) / mean).pow(2).mean())
+    # Smoothing keeps a constant, spreads an impulse as a normalised Gaussian.
+    torch.testing.assert_close(smooth(torch.full((1, 20, 1), 3.0), 2.0), torch.full((1, 20, 1), 3.0))
+    impulse = torch.zeros(1, 41, 1)
+    impulse[0, 20, 0] = 1.0
+    spread = smooth(impulse, 2.0)[0, :, 0]
+    assert spread.sum().item() == pytest.approx(1.0, abs=1e-6) and spread.argmax().item() == 20
+    assert (spread[22] / spread[20]).item() == pytest.approx(np.exp(-0.5), rel=1e-5)
+
+
+def test_a_short_training_run_reduces_both_losses(reach_path, tmp_path):
+    import lightning as L
+
+    dm = _datamodule(reach_path, record_fraction=0.3, batch_size=16)
+    task = _task(dm, activity_weight=5.0, lr=1e-2, warmup_steps=2)
+    batch = next(iter(dm.val_dataloader()))
+    before = _losses(task, batch)
+    trainer = L.Trainer(max_epochs=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(task, datamodule=dm)
+    after = _losses(task, batch)
+    assert after["output"] < 0.5 * before["output"], (before, after)
+    # The activity loss falls at least a fifth of the way to its floor: the Poisson loss of the
+    # same spikes under the simulation's true rates.
+    floor = _true_rate_loss(dm, batch)
+    assert floor < after["activity"] < before["activity"] - 0.2 * (before["activity"] - floor), (before, after, floor)
+
+
+def _losses(task, batch) -> dict[str, float]:
+    task.eval()
+    with torch.no_grad():
+        return {k: v.item() for k, v in task.losses(task.model(batch.inputs), batch).items()}
+
+
+def _true_rate_loss(dm: TrialDataModule, batch) -> float:
+    from neuroformer.tasks.sparse_rnn import poisson_loss, reference_population
+
+    rec = dm.recordings[0]
+    rates, _ = reference_population(rec, dm.spec, 0.04)  # (all trials in table order, T, N) Hz
+    units = [rec.units.names.index(n) for n in dm.spec.recorded]
+    expected = torch.from_numpy(rates[batch.trial.numpy()][..., units] * dm.spec.bin_size)
+    return poisson_loss(expected.log(), batch.counts, torch.ones(len(units)), 0.0).item()

@@ -46,6 +46,10 @@ class RNNConfig:
         noise: process noise while training: the std it gives ``h`` at rest, ignoring
             recurrence, whatever ``dt`` (0: none).
         init_gain: spectral radius scale of the initial random ``W``.
+        input_gain: std of the initial input weights ``B``. Small inputs leave the units
+            near-linear in the input at first, so that a new target between trained ones
+            drives the network between their states (docs/sparse_rnn.md: large input weights
+            let output-only students fail on held-out directions).
     """
 
     n_inputs: int
@@ -57,6 +61,7 @@ class RNNConfig:
     dt: float = 0.02
     noise: float = 0.0
     init_gain: float = 0.9
+    input_gain: float = 0.3
 
     def __post_init__(self) -> None:
         if self.nonlinearity not in NONLINEARITIES:
@@ -100,7 +105,7 @@ class RateRNN(nn.Module):
         self.register_buffer("output_std", torch.ones(c.n_outputs))
         nn.init.normal_(self.recurrent.weight, std=c.init_gain / math.sqrt(c.hidden))
         nn.init.zeros_(self.recurrent.bias)
-        nn.init.normal_(self.input.weight, std=1.0)
+        nn.init.normal_(self.input.weight, std=c.input_gain)
         nn.init.normal_(self.readout.weight, std=1 / math.sqrt(c.hidden))
         nn.init.zeros_(self.readout.bias)
 
