@@ -2,8 +2,8 @@
 
 Runs (unless ``--no-run``) the Hydra multirun
 
-    python train.py -m experiment=sparse_rnn data.record_fraction=0,0.02,0.05,0.1,0.2 seed=0,1,2 \\
-        paths.output_root=OUT hydra.sweep.dir=OUT/sweep
+    OMP_NUM_THREADS=1 python train.py -m experiment=sparse_rnn data.record_fraction=0,0.02,0.05,0.1,0.2 \\
+        seed=0,1,2 paths.output_root=OUT hydra.sweep.dir=OUT/sweep
 
 (each seed draws its own recorded neurons, validation trials and initialisation; fraction 0 is
 the output-only baseline), then reads every run folder under ``OUT/sweep`` (``metrics.json``,
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -55,9 +56,11 @@ def sweep(out: Path, fractions: list[float], seeds: list[int]) -> None:
     cmd = [sys.executable, "train.py", "-m", "experiment=sparse_rnn",
            "data.record_fraction=" + ",".join(f"{f:g}" for f in fractions), "seed=" + ",".join(map(str, seeds)),
            f"paths.output_root={out}", f"hydra.sweep.dir={out / 'sweep'}"]
-    print("$ " + " ".join(cmd), flush=True)
+    # One BLAS/OpenMP thread per run: the RNN's and the metrics' matrices are small, and on a busy
+    # machine extra threads only wait on each other (tens of times slower).
+    print("$ OMP_NUM_THREADS=1 " + " ".join(cmd), flush=True)
     began = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     print(f"sweep done in {time.perf_counter() - began:.0f} s", flush=True)
 
 

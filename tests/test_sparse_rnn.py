@@ -236,7 +236,7 @@ def test_a_short_training_run_reduces_both_losses(reach_path, tmp_path):
     task = _task(dm, activity_weight=5.0, lr=1e-2, warmup_steps=2)
     batch = next(iter(dm.val_dataloader()))
     before = _losses(task, batch)
-    trainer = L.Trainer(max_epochs=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=80, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
     trainer.fit(task, datamodule=dm)
     after = _losses(task, batch)
@@ -250,7 +250,9 @@ def test_a_short_training_run_reduces_both_losses(reach_path, tmp_path):
 def _losses(task, batch) -> dict[str, float]:
     task.eval()
     with torch.no_grad():
-        return {k: v.item() for k, v in task.losses(task.model(batch.inputs), batch).items()}
+        losses = {k: v.item() for k, v in task.losses(task.model(batch.inputs), batch).items()}
+    task.train()
+    return losses
 
 
 def _true_rate_loss(dm: TrialDataModule, batch) -> float:

@@ -294,7 +294,7 @@ def simulate(config: ReachingConfig = ReachingConfig()) -> ReachingSession:
     start = np.arange(n_trials) * cfg.trial_duration
     trials = {
         "start_time": start,
-        "stop_time": start + cfg.trial_duration,
+        "stop_time": np.arange(1, n_trials + 1) * cfg.trial_duration,  # exactly the next trial's start
         "condition": conditions.astype(np.int64),
         "target_angle": np.degrees(angles),
         "target_x": np.cos(angles),

@@ -147,7 +147,7 @@ class SparseRNNEvaluation:
     """Settings of the evaluation of a trained student (``cfg.evaluate``)."""
 
     n_components: int = option(10, "principal components of each population compared by CCA")
-    ridge: float = option(1e-2, "ridge penalty (relative) of the unrecorded-neuron regressions")
+    ridge: float = option(0.1, "ridge penalty of the unrecorded-neuron regressions, relative to the mean state variance")
     random_seed: int = option(0, "seed of the untrained random RNN (the floor)")
     smooth: float = option(0.04, "Gaussian smoothing of spike counts, s, when the file has no true rates")
     dynamics_from: float | None = option(
@@ -157,22 +157,22 @@ class SparseRNNEvaluation:
 
 
 def _trajectory_figure(reference: np.ndarray, students: dict[str, np.ndarray], bin_times: np.ndarray,
-                       held_out: np.ndarray, labels: list[str]) -> Figure:
+                       held_out: np.ndarray, labels: list[str], k: int) -> Figure:
     """Reference and students in the reference's top principal components.
 
     Args:
         reference: (C, T, N) condition-averaged reference population.
-        students: name -> (C, T, H) condition-averaged states; each is mapped onto the
-            reference's top 3 components by least squares (its best linear view of them).
+        students: name -> (C, T, H) condition-averaged states; each one's top ``k`` principal
+            components are mapped onto the reference's top 3 by least squares (the view CCA
+            takes: all of a population's units would fit any target, even an untrained RNN's).
+        bin_times: (T,) seconds from the alignment event.
         held_out: (C,) True for conditions never trained on (dashed).
     """
     scores, explained = principal_components(reference, 3)
     shape = reference.shape[:2]
-    pcs = scores.reshape(*shape, -1)
-    views = {"reference": pcs}
+    views = {"reference": scores.reshape(*shape, -1)}
     for name, states in students.items():
-        x = states.reshape(-1, states.shape[-1])
-        x = np.column_stack([x - x.mean(axis=0), np.ones(len(x))])
+        x = np.column_stack([principal_components(states, k)[0], np.ones(len(scores))])
         views[name] = (x @ np.linalg.lstsq(x, scores, rcond=None)[0]).reshape(*shape, -1)
     fig = Figure(figsize=(4.2 * len(views), 7.5), layout="constrained")
     axes = fig.subplots(2, len(views), squeeze=False)
@@ -189,7 +189,8 @@ def _trajectory_figure(reference: np.ndarray, students: dict[str, np.ndarray], b
         axes[1, j].set_xlabel("time from alignment event (s)")
         axes[1, j].set_ylabel("PC1")
     axes[0, 0].legend(fontsize=7, title="condition (dashed: held out)", title_fontsize=7)
-    fig.suptitle("Condition-averaged trajectories in the reference's top PCs (students mapped by least squares)")
+    fig.suptitle(f"Condition-averaged trajectories in the reference's top PCs (dots: start); models: their top {k} "
+                 "PCs mapped by least squares")
     return fig
 
 
@@ -228,7 +229,8 @@ def evaluate_student(loaded: LoadedModel, rec: Recording, out: Path, settings: S
     metrics["n_recorded"], metrics["n_unrecorded"] = float(spec.n_recorded), float(len(unrecorded))
 
     labels = [str(spec.conditions[c]) for c in present]
-    fig = _trajectory_figure(ref, states, spec.bin_times(), held_out, labels)
+    fig = _trajectory_figure(y, {k: v[:, bins] for k, v in states.items()}, spec.bin_times()[bins], held_out,
+                             labels, settings.n_components)
     plots.save(fig, Path(out) / "trajectories.png")
     summary = {"model": loaded.uri, "reference": what, "metrics": metrics, "plots": ["trajectories.png"]}
     write_json(Path(out) / "metrics.json", summary)
@@ -283,13 +285,17 @@ class SparseRNNTask(Task):
         smooth: Gaussian smoothing of the spike counts for "mse", seconds.
         lr, weight_decay: AdamW settings.
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``min_lr_ratio * lr``.
+        threads: CPU threads of torch while this task runs (restored after); None leaves them.
+            The RNN steps through time in products of (B, H) by (H, H) matrices, too small to
+            share: on a busy machine extra threads wait on each other (30-100x slower steps).
     """
 
     family = "sparse_rnn"
 
     def __init__(self, model: RateRNN, spec: TrialSpec, activity_weight: float = 1.0,
                  activity_loss: str = "poisson", smooth: float = 0.04, lr: float = 3e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1):
+                 weight_decay: float = 0.0, warmup_steps: int = 20, min_lr_ratio: float = 0.1,
+                 threads: int | None = 1):
         super().__init__()
         if activity_loss not in ACTIVITY_LOSSES:
             raise ValueError(f"activity_loss={activity_loss!r}; expected one of {sorted(ACTIVITY_LOSSES)}")
@@ -301,6 +307,17 @@ class SparseRNNTask(Task):
         self.register_buffer("output_std", torch.tensor(spec.behavior_std, dtype=torch.float32), persistent=False)
         self.register_buffer("mean_count", torch.tensor(spec.unit_mean_count, dtype=torch.float32).clamp_min(1e-3),
                              persistent=False)
+        self._threads_before: int | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.threads and self._threads_before is None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.hparams.threads)
+
+    def teardown(self, stage: str) -> None:
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def losses(self, out: RNNOutput, batch: TrialBatch) -> dict[str, torch.Tensor]:
         """``output``: MSE of the z-scored outputs; ``activity``: the recorded neurons' loss (0 if none)."""
