@@ -29,11 +29,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,7 +49,8 @@ from scipy.signal import lfilter
 
 from neuroformer import cli
 from neuroformer.cli import option
-from neuroformer.errors import RecordingError
+from neuroformer.errors import ConfigError, RecordingError
+from neuroformer.files import atomic_path
 
 CELL_TYPES = ("ON", "OFF", "DS", "untuned")
 GRATING_DIRECTIONS = np.arange(0.0, 360.0, 45.0)  # degrees; 0 = rightward, 90 = upward
@@ -93,15 +91,15 @@ class SimulationConfig:
                     "max_rate", "syn_tau", "behavior_rate", "clip_duration", "block_min")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"simulation {name} must be > 0, got {getattr(self, name)}")
         if self.frac_on + self.frac_off + self.frac_ds > 1 + 1e-9:
-            raise ValueError("frac_on + frac_off + frac_ds must be at most 1")
+            raise ConfigError("simulation frac_on + frac_off + frac_ds must be at most 1")
         if self.block_max < self.block_min:
-            raise ValueError("block_max must be >= block_min")
+            raise ConfigError("simulation block_max must be >= block_min")
         if self.dt * self.max_rate >= 1 or self.dt > 0.5 / self.frame_rate:
-            raise ValueError("dt too coarse for max_rate or frame_rate")
+            raise ConfigError("simulation dt is too coarse for max_rate or frame_rate (need dt * max_rate < 1, dt <= 0.5 / frame_rate)")
         if self.n_clips < 1:
-            raise ValueError("n_clips must be >= 1")
+            raise ConfigError("simulation n_clips must be >= 1")
 
     def identifier(self) -> str:
         """Deterministic file identifier: seed plus a hash of the whole config."""
@@ -395,13 +393,13 @@ def _refractory_table(dt: float) -> np.ndarray:
 
 
 def _progress(chunks: range, enabled: bool) -> Iterable[int]:
-    """``chunks`` wrapped in a tqdm bar (or a plain stderr percentage) if enabled."""
+    """``chunks`` wrapped in a tqdm bar on a terminal, else plain stderr percentages, if enabled."""
     if not enabled:
         return chunks
-    try:
-        from tqdm import tqdm
-    except ImportError:
+    if not sys.stderr.isatty():  # a log file: lines, not a redrawn bar
         return _plain_progress(chunks)
+    from tqdm import tqdm
+
     return tqdm(chunks, desc="simulating", unit="s", leave=False)
 
 
@@ -604,20 +602,10 @@ def write_nwb(sim: Simulation, path: str | Path) -> Path:
 
     An interrupted write leaves no partial file and keeps any previous file at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nwbfile = _to_nwbfile(sim)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with warnings.catch_warnings():  # the temp name does not end in .nwb, on purpose
-            warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
-            with NWBHDF5IO(str(tmp), "w") as io:
-                io.write(nwbfile)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, NWBHDF5IO(str(tmp), "w") as io:
+        io.write(nwbfile)
+    return Path(path)
 
 
 def simulate_recording(path: str | Path, config: SimulationConfig = SimulationConfig(),
@@ -669,26 +657,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``neuroformer-simulate``)."""
-    parser = _parser()
-    args = vars(parser.parse_args(argv))
-    out, quiet = args.pop("out"), args.pop("quiet")
-    try:
-        config = SimulationConfig(**args)
-    except ValueError as e:
-        parser.error(str(e))
+def _main(args: argparse.Namespace) -> int:
+    config = cli.options(args, SimulationConfig)
     began = time.perf_counter()
-    sim = simulate(config, progress=not quiet)
-    write_nwb(sim, out)
-    if not quiet:
+    sim = simulate(config, progress=not args.quiet)
+    write_nwb(sim, args.out)
+    if not args.quiet:
         n_spikes = sum(len(s) for s in sim.spike_times)
-        print(f"wrote {out}: {config.n_units} units, {n_spikes} spikes "
+        print(f"wrote {args.out}: {config.n_units} units, {n_spikes} spikes "
               f"({n_spikes / config.n_units / config.duration:.2f} Hz mean), "
               f"{np.count_nonzero(sim.ground_truth.connectivity)} links, "
               f"{len(sim.frames)} frames, {len(sim.trials['start_time'])} trials "
               f"in {time.perf_counter() - began:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``neuroformer-simulate``, ``python -m neuroformer.data.simulate``)."""
+    return cli.run(_main, _parser(), argv)
 
 
 if __name__ == "__main__":
