@@ -117,7 +117,7 @@ def test_oracle_without_synapses_converges_to_the_closed_form(uncoupled_path: Pa
     """Monte Carlo error around the exact answer falls as 1/sqrt(S) (a biased oracle would level off)."""
     rec = read_nwb(uncoupled_path)
     oracle = SimulatorOracle.from_file(uncoupled_path)
-    t0 = np.random.default_rng(0).uniform(1.0, 19.0, 20)  # anywhere, not on the 1 ms grid
+    t0 = np.random.default_rng(0).uniform(1.0, 19.0, 12)  # anywhere, not on the 1 ms grid
     exact = _closed_form(oracle, rec, t0, history, burn_in=0.05)
     mc = {S: oracle.expected_counts(rec, t0, TOK, n_samples=S, history=history, burn_in=0.05) for S in (100, 1600)}
     rms = {S: np.sqrt(np.mean((m - exact) ** 2)) for S, m in mc.items()}
@@ -244,7 +244,7 @@ def test_glm_forecast_beats_the_mean_rate(small):
 @pytest.fixture(scope="module")
 def coupled_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A population driven by its synapses (as ``experiment=connectivity``, shorter): 20 untuned units, dense links."""
-    config = SimulationConfig(seed=0, n_units=20, duration=120.0, frac_on=0.0, frac_off=0.0, frac_ds=0.0,
+    config = SimulationConfig(seed=0, n_units=20, duration=80.0, frac_on=0.0, frac_off=0.0, frac_ds=0.0,
                               link_prob=0.2, mean_rate=15.0)
     return simulate_recording(tmp_path_factory.mktemp("sim") / "coupled.nwb", config, progress=False)
 
@@ -253,7 +253,8 @@ def test_glm_coupling_finds_the_links_as_well_as_cross_correlation(coupled_path:
     """At 2 ms bins (synapses act within a few ms: coarser bins put cause and effect in one bin)."""
     rec, truth = read_nwb(coupled_path), load_ground_truth(coupled_path).connectivity
     train = split_spans(rec, SPLIT, "train")
-    glm = fit_glm(rec, train, split_spans(rec, SPLIT, "val"), GLMConfig(resolution=0.002, history=0.02))
+    config = GLMConfig(resolution=0.002, history=0.01, coupling=0.01, penalties=(1e-2, 3e-3))
+    glm = fit_glm(rec, train, split_spans(rec, SPLIT, "val"), config)
     inside = np.zeros(len(rec.units.spike_times), bool)
     for lo, hi in train:
         inside |= (rec.units.spike_times >= lo) & (rec.units.spike_times < hi)
@@ -270,7 +271,7 @@ def test_glm_fits_a_units_only_recording():
     rec = read_nwb(ALM)
     tok = SpikeTokenizer(window=0.1, past_window=0.3, resolution=0.01)
     spans = {s: split_spans(rec, SPLIT, s, rec.trials) for s in ("train", "val")}
-    glm = fit_glm(rec, spans["train"], spans["val"], GLMConfig(resolution=0.01, history=tok.past_window))
+    glm = fit_glm(rec, spans["train"], spans["val"], GLMConfig(resolution=0.01, history=0.1, penalties=(1e-2, 1e-3)))
     assert glm.stimulus is None and glm.behavior.shape == (0, rec.units.n_units)
     t0 = window_starts(rec.start, rec.stop, SPLIT, "test", tok.window, tok.past_window, tok.window, rec.trials)
     true = bin_spikes(rec.units.spike_times, rec.units.spike_units, t0, tok, rec.units.n_units)
