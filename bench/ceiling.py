@@ -1,12 +1,14 @@
-"""The ceiling and the baselines on a simulated recording's test block, with block-bootstrap intervals.
+"""The ceiling and the baselines on a recording's test block, with block-bootstrap intervals.
 
-For each recording (the default one and ``experiment=connectivity``'s), on the test block of the
-configured split and with the configured tokenizer's windows and dt bins:
+For each recording (by default the default one and ``experiment=connectivity``'s; any experiment's,
+e.g. ``alm``, a real recording), on the test block of the configured split, with the configured
+tokenizer's windows and dt bins (and inside the configured intervals, e.g. trials):
 
 * forecast table: NLB bits per spike of the simulator's forecast oracle, its stimulus-and-running
   variant (no past spikes), the coupled GLM fitted on the training block and the mean-rate
   predictor, each with its 95% block-bootstrap interval, the fraction of the oracle (paired
-  interval), predicted / true spike count and seconds taken;
+  interval), predicted / true spike count and seconds taken; on a real recording (no ground
+  truth) the GLM and the mean rate, and each minus the GLM;
 * connectivity table: the GLM's coupling (fitted at the tokenizer's resolution, or at the bins
   asked for) against lagged cross-correlation, both from the training block's spikes, scored on
   the true synapses (link AUROC / AP, direction AUROC, excitatory / inhibitory AUROC).
@@ -38,6 +40,7 @@ from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import SpikeTokenizer
+from neuroformer.errors import RecordingError
 from neuroformer.inference.connectivity import cross_correlation_influence, score_links
 from neuroformer.metrics.bootstrap import bits_per_spike_interval, paired_interval
 from neuroformer.metrics.rates import bin_spikes
@@ -74,7 +77,7 @@ class Context:
 
     rec: Recording
     tok: SpikeTokenizer
-    truth: np.ndarray
+    truth: np.ndarray | None
     t0: np.ndarray
     true: np.ndarray
     train: np.ndarray
@@ -89,25 +92,30 @@ def glm_config(ctx: Context, resolution: float) -> GLMConfig:
     return GLMConfig(resolution=resolution, history=0.01, coupling=0.01, penalties=(1e-2, 3e-3))
 
 
-def forecast_table(ctx: Context, oracle: SimulatorOracle, glm, t_glm: float, args: argparse.Namespace) -> dict:
+def forecast_table(ctx: Context, oracle: SimulatorOracle | None, glm, t_glm: float, args: argparse.Namespace) -> dict:
+    """Bits/spike of each predictor with intervals; with an oracle (simulated recordings) also the fraction of it."""
     rec, tok, t0, true = ctx.rec, ctx.tok, ctx.t0, ctx.true
     predictions, seconds = {}, {}
-    predictions["oracle"], seconds["oracle"] = timed(lambda: oracle.expected_counts(rec, t0, tok, args.samples))
-    predictions["oracle, stimulus + running only"], seconds["oracle, stimulus + running only"] = timed(
-        lambda: oracle.expected_counts(rec, t0, tok, args.samples, history=False))
+    if oracle is not None:
+        predictions["oracle"], seconds["oracle"] = timed(lambda: oracle.expected_counts(rec, t0, tok, args.samples))
+        predictions["oracle, stimulus + running only"], seconds["oracle, stimulus + running only"] = timed(
+            lambda: oracle.expected_counts(rec, t0, tok, args.samples, history=False))
     predictions["coupled GLM"], seconds["coupled GLM"] = timed(lambda: glm.expected_counts(rec, t0, tok, args.samples))
     predictions["mean rate"], seconds["mean rate"] = timed(lambda: mean_rate_counts(rec, ctx.train, t0, tok))
     seconds["coupled GLM"] += t_glm
     boot = {"block": args.block, "n_boot": args.n_boot}
+    reference = "oracle" if oracle is not None else "coupled GLM"
+    compare = "ratio" if oracle is not None else "difference"
+    column = "fraction of oracle" if oracle is not None else "minus GLM"
     rows = {}
-    print("\n| predictor | bits/spike [95% CI] | fraction of oracle [95% CI] | predicted / true spikes | seconds |\n"
+    print(f"\n| predictor | bits/spike [95% CI] | {column} [95% CI] | predicted / true spikes | seconds |\n"
           "|---|---|---|---|---|")
     for name, rates in predictions.items():
         score = bits_per_spike_interval(rates, true, t0, **boot)
-        frac = paired_interval(rates, predictions["oracle"], true, t0, compare="ratio", **boot)
-        rows[name] = {"bits_per_spike": dataclasses.asdict(score), "fraction_of_oracle": dataclasses.asdict(frac),
+        paired = paired_interval(rates, predictions[reference], true, t0, compare=compare, **boot)
+        rows[name] = {"bits_per_spike": dataclasses.asdict(score), column.replace(" ", "_"): dataclasses.asdict(paired),
                       "count_ratio": float(rates.sum() / true.sum()), "seconds": seconds[name]}
-        print(f"| {name} | {score} | {frac} | {rates.sum() / true.sum():.3f} | {seconds[name]:.0f} |")
+        print(f"| {name} | {score} | {paired} | {rates.sum() / true.sum():.3f} | {seconds[name]:.0f} |")
     print(f"\n{score.n_blocks} bootstrap blocks of {args.block:g} s; seconds of the GLM include its fit; "
           "penalties kept: " + ", ".join(f"{p:g} x{n}" for p, n in zip(*np.unique(glm.penalty, return_counts=True))))
     return rows
@@ -136,11 +144,18 @@ def connectivity_table(ctx: Context, glms: dict[float, tuple]) -> dict:
 def run(experiment: str, args: argparse.Namespace, overrides: list[str]) -> dict:
     dm = data_module(experiment, overrides)
     path, tok, split = dm.files[0], dm.tokenizer, dm.split
-    rec = read_nwb(path)
-    t0 = window_starts(rec.start, rec.stop, split, "test", tok.window, tok.past_window, tok.window)
-    ctx = Context(rec, tok, load_ground_truth(path).connectivity, t0,
+    rec = read_nwb(path, behavior_nan=dm.behavior_nan, stimulus=dm.stimulus_name)
+    restrict = None
+    if dm.restrict_to:
+        restrict = rec.trials if dm.restrict_to == "trials" else rec.intervals[dm.restrict_to]
+    try:
+        truth, oracle = load_ground_truth(path).connectivity, SimulatorOracle.from_file(path)
+    except RecordingError:
+        truth, oracle = None, None  # a real recording: no ceiling, no true links
+    t0 = window_starts(rec.start, rec.stop, split, "test", tok.window, tok.past_window, tok.window, restrict)
+    ctx = Context(rec, tok, truth, t0,
                   bin_spikes(rec.units.spike_times, rec.units.spike_units, t0, tok, rec.units.n_units),
-                  split_spans(rec, split, "train"), split_spans(rec, split, "val"))
+                  split_spans(rec, split, "train", restrict), split_spans(rec, split, "val", restrict))
     print(f"\n## {experiment}: {path.name}, {rec.units.n_units} units, {len(t0)} test windows of "
           f"{tok.window * 1e3:g} ms in {tok.n_bins} bins, {int(ctx.true.sum())} test spikes; split {split}")
     glms = {}
@@ -152,8 +167,8 @@ def run(experiment: str, args: argparse.Namespace, overrides: list[str]) -> dict
 
     results = {"recording": str(path), "windows": len(t0), "test_spikes": int(ctx.true.sum())}
     if "forecast" in args.tables:
-        results["forecast"] = forecast_table(ctx, SimulatorOracle.from_file(path), *glm_at(tok.resolution), args)
-    if "connectivity" in args.tables:
+        results["forecast"] = forecast_table(ctx, oracle, *glm_at(tok.resolution), args)
+    if "connectivity" in args.tables and truth is not None:
         resolutions = args.connectivity_resolutions or [tok.resolution]
         results["connectivity"] = connectivity_table(ctx, {r: glm_at(r) for r in resolutions})
     return results
@@ -162,7 +177,7 @@ def run(experiment: str, args: argparse.Namespace, overrides: list[str]) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["default", "connectivity"],
-                        help="'default' or experiment config names whose recording is simulated")
+                        help="'default' or experiment config names (e.g. alm: a real recording, without oracle)")
     parser.add_argument("--samples", type=int, default=64, help="simulations per window (oracle and GLM)")
     parser.add_argument("--block", type=float, default=2.0, help="bootstrap block, seconds")
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates")
