@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuroformer.data.recording import Intervals, Recording
+from neuroformer.data.recording import FrameSeries, Intervals, Recording
 from neuroformer.data.splits import SplitSpec
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
@@ -128,11 +128,11 @@ def split_spans(rec: Recording, split: SplitSpec, name: str, restrict_to: Interv
 class _Features:
     """Exogenous inputs of a recording at any times: lagged stimulus frames and behaviour, z-scored."""
 
-    def __init__(self, rec: Recording, cfg: GLMConfig, fit_times: np.ndarray | None = None,
+    def __init__(self, rec: Recording, cfg: GLMConfig, names: list[str], fit_times: np.ndarray | None = None,
                  stats: dict[str, np.ndarray] | None = None):
-        """Normalisation from ``stats`` (a fitted model's) or from the inputs at ``fit_times`` (training bins)."""
-        self.cfg, self.rec = cfg, rec
-        self.names = list(rec.behavior) if cfg.behavior is None else list(cfg.behavior)
+        """Behaviour series ``names``; normalisation from ``stats`` (a fitted model's) or from the inputs at
+        ``fit_times`` (training bins)."""
+        self.cfg, self.rec, self.names = cfg, rec, list(names)
         for name in self.names:
             if name not in rec.behavior:
                 raise RecordingError(rec.path, f"behavior/{name}", f"not found; the file has {sorted(rec.behavior)}")
@@ -172,7 +172,7 @@ class _Features:
         return z.astype(np.float32)
 
 
-def _downsample(frames, size: int) -> np.ndarray:
+def _downsample(frames: FrameSeries, size: int) -> np.ndarray:
     """(n_frames, P) float32 block-averaged pixels, at most ``size`` blocks a side (edges cropped)."""
     H, W = frames.frame_shape
     fy, fx = max(1, math.ceil(H / size)), max(1, math.ceil(W / size))
@@ -277,10 +277,11 @@ class CoupledGLM:
             raise ValueError(f"dt bins of {tokenizer.resolution} s; the GLM was fitted at {cfg.resolution} s")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1; got {n_samples}")
-        features = _Features(rec, cfg, stats=self.stats)
+        features = _Features(rec, cfg, self.behavior_names, stats=self.stats)
         if (features.lagged is None) != (self.stimulus is None):
             raise RecordingError(rec.path, "stimulus", "the GLM was fitted " + ("with" if self.stimulus is not None
                                  else "without") + " stimulus frames; this recording differs")
+        began = time.perf_counter()
         starts = np.asarray(starts, dtype=np.float64)
         L, nb, Kc = cfg.n_lags, tokenizer.n_bins, self.coupling.shape[1]
         basis = torch.as_tensor(cfg.basis)
@@ -309,6 +310,8 @@ class CoupledGLM:
                 out[rows, b] = rate.view(W, S, U).mean(1, dtype=torch.float64).numpy()
                 drawn = torch.minimum(torch.poisson(rate, generator=gen), cap)
                 buffer = torch.cat([buffer[:, 1:], drawn[:, None]], dim=1)
+            log.info("GLM forecast: %d/%d windows x %d simulations, %.0f s", rows.stop, len(starts), S,
+                     time.perf_counter() - began)
         return out
 
     def _exogenous(self, features: _Features, times: np.ndarray) -> np.ndarray:
@@ -378,7 +381,8 @@ def fit_glm(rec: Recording, train: np.ndarray, val: np.ndarray, config: GLMConfi
     began = time.perf_counter()
     train_counts, train_hist, train_times = _binned(rec, train, config)
     val_counts, val_hist, val_times = _binned(rec, val, config)
-    features = _Features(rec, config, fit_times=train_times)
+    names = list(rec.behavior) if config.behavior is None else list(config.behavior)
+    features = _Features(rec, config, names, fit_times=train_times)
     U, Kc = rec.units.n_units, config.n_coupling
     hist_std = train_hist.std(0) + 1e-6  # (U, K): weights are fitted on z-scored history features
     lagged = torch.as_tensor(features.lagged) if features.lagged is not None else None

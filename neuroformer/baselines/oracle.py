@@ -119,7 +119,8 @@ class SimulatorOracle:
         for lo in range(0, len(starts), per_chunk):
             rows = slice(lo, min(lo + per_chunk, len(starts)))
             out[rows] = self._forecast(rec, starts[rows], tokenizer, n_samples, history, burn_in, gen)
-        log.info("oracle: %d windows x %d simulations in %.1f s", len(starts), n_samples, time.perf_counter() - began)
+            log.info("oracle%s: %d/%d windows x %d simulations, %.0f s", "" if history else " (stimulus only)",
+                     rows.stop, len(starts), n_samples, time.perf_counter() - began)
         return out
 
     def _forecast(self, rec: Recording, t0: np.ndarray, tok: SpikeTokenizer, S: int, history: bool,
