@@ -20,6 +20,7 @@ from neuroformer.data.simulate import (
     SimulationConfig,
     external_drive,
     load_ground_truth,
+    read_config,
     refractory_table,
     simulate_recording,
 )
@@ -155,7 +156,8 @@ def test_oracle_is_calibrated_and_beats_the_glm_and_the_mean_rate(small):
     assert scores["oracle"] >= scores["stimulus"] - 0.01, scores  # the past can only help the true model
 
 
-def test_oracle_refuses_a_file_it_cannot_rebuild(small, tmp_path: Path):
+def test_oracle_refuses_a_file_it_cannot_rebuild(small, small_sim_path: Path, small_sim_config: SimulationConfig):
+    assert read_config(small_sim_path) == small_sim_config  # what the oracle rebuilds from
     rec, t0, *_ = small
     with pytest.raises(RecordingError, match="general/notes"):
         SimulatorOracle.from_file(ALM)
