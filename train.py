@@ -1,15 +1,20 @@
-"""Train a model: ``python train.py [overrides]`` (see conf/train.yaml and README.md)."""
+"""Train a model: ``python train.py [overrides]`` (see conf/train.yaml and README.md).
 
-import hydra
+A user error (a bad recording, an invalid or unknown setting, a model that does not fit the
+data) prints one message and exits with status 2; ``HYDRA_FULL_ERROR=1`` shows its traceback.
+"""
+
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from neuroformer.cli import hydra_main
 from neuroformer.training import train
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     return train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(hydra_main(main, config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train"))

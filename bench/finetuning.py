@@ -52,7 +52,7 @@ from neuroformer.data.targets import BehaviorTarget
 from neuroformer.metrics.behavior import behavior_scores
 from neuroformer.models.heads import window_features
 from neuroformer.models.neuroformer import Neuroformer
-from neuroformer.tracking import tracking_uri
+from neuroformer.registry.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SEED = 42  # one time-block split for every run: seeds vary the training, not the test block
@@ -121,7 +121,7 @@ def linear_decoders(path: Path, out: Path, uri: str, fractions: list[float], alp
     plus the test block's speed statistics under the key ``"test"``.
     """
     mlflow.set_tracking_uri(tracking_uri(out / "mlflow.db"))
-    loaded = registry.load_model(uri)
+    loaded = registry.load(uri)
     dm = NWBDataModule(paths=[str(path)], reference=loaded.spec, split=SplitSpec(seed=SPLIT_SEED),
                        target=BehaviorTarget(names=["running_speed"]), batch_size=128)
     dm.setup()
@@ -138,7 +138,7 @@ def linear_decoders(path: Path, out: Path, uri: str, fractions: list[float], alp
         with torch.no_grad():
             batches = [ds.__getitems__(list(range(i, min(i + 128, len(ds))))) for i in range(0, len(ds), 128)]
             for name, model in models.items():
-                feats[name] = np.concatenate([window_features(model, b)[1].numpy() for b in batches])
+                feats[name] = np.concatenate([window_features(model, b.inputs)[1].numpy() for b in batches])
         return feats, dm.spec.target.raw(rec, ds.t0, tok.window)[:, 0]
 
     (train_x, train_y), (test_x, test_y) = features("train"), features("test")

@@ -28,7 +28,7 @@ from neuroformer.data.dataset import WindowDataset
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import N_SPECIAL
 from neuroformer.inference.generate import SamplingConfig, sample_windows
-from neuroformer.inference.loading import load, training_split
+from neuroformer.registry import load
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -63,7 +63,7 @@ def main() -> None:
         loaded = load(args.model)
         model, spec = loaded.model, loaded.spec
         rec, tok = dm.recordings[0], spec.tokenizer
-        starts = window_starts(rec.start, rec.stop, training_split(loaded), "test", tok.window, tok.past_window,
+        starts = window_starts(rec.start, rec.stop, loaded.spec.split, "test", tok.window, tok.past_window,
                                tok.window)
         test = WindowDataset([rec], spec, [starts])
     else:
@@ -80,9 +80,9 @@ def main() -> None:
     with torch.no_grad():
         for bs in args.batch_sizes:
             batch = test.__getitems__(list(range(bs)))
-            sample_windows(model, batch, n_bins, use_cache=True)  # warm-up
-            cached_s, cached = timed_generation(model, batch, n_bins, True, args.repeats)
-            full_s, full = timed_generation(model, batch, n_bins, False, args.repeats)
+            sample_windows(model, batch.inputs, n_bins, use_cache=True)  # warm-up
+            cached_s, cached = timed_generation(model, batch.inputs, n_bins, True, args.repeats)
+            full_s, full = timed_generation(model, batch.inputs, n_bins, False, args.repeats)
             same = torch.equal(cached.ids, full.ids) and torch.equal(cached.dts, full.dts)
             tokens = int((cached.counts + cached.ended).sum())
             true = float((batch.target_ids >= N_SPECIAL).sum(1).float().mean())

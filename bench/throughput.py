@@ -63,8 +63,8 @@ def main(overrides: list[str]) -> None:
     data_rate = windows / data_s
 
     def step(batch) -> None:
-        out = model(batch, contrastive=loss_weights.get("contrastive", 0) > 0)
-        losses = model.losses(out, batch)
+        out = model(batch.inputs, contrastive=loss_weights.get("contrastive", 0) > 0)
+        losses = model.losses(out, batch.target_ids, batch.target_dts)
         loss = sum(loss_weights.get(k, 0.0) * v for k, v in losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

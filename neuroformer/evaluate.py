@@ -1,318 +1,88 @@
-"""Evaluate a trained Neuroformer on a recording's held-out block: ``metrics.json`` plus PNG plots.
+"""Evaluate any trained model on held-out data: ``metrics.json`` plus figures, optionally in MLflow.
 
 Usage (``--help`` lists every option)::
 
     python -m neuroformer.evaluate --model outputs/runs/pretrain/<date>/checkpoints/last.ckpt
     python -m neuroformer.evaluate --model models:/neuroformer-pretrain@champion --data rec.nwb --out eval/
+    python -m neuroformer.evaluate model=models:/neuroformer-pretrain/1 n_samples=4
 
-``--model`` is a Lightning checkpoint written by ``train.py`` or a registered model URI
-(``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``). ``--data`` defaults to the first
-recording the model was trained on. The windows evaluated are the recording's ``--split``
-block (default: test) under the model's own training split, so the model never saw them.
-
-What is measured (docs/evaluation.md has the definitions and recorded numbers):
-
-- rates: expected counts per unit and 5 ms dt bin of every window, from ``--n-samples``
-  sampled sequences per window (``neuroformer.metrics.rates``);
-- NLB bits per spike of those rates (``neuroformer.metrics.nlb``), jackknife-corrected for the
-  finite number of samples (``bits_per_spike``; the uncorrected value is ``bits_per_spike_plugin``);
-- spike-set precision/recall/F1 of the sampled windows against the true spikes, and of a
-  homogeneous Poisson sampler at each unit's mean rate for reference
-  (``neuroformer.metrics.spike_sets``);
-- PSTH correlation per unit over the repeated-stimulus trials in the block (trials table
-  column ``--repeat-column``, values >= 0), with each unit's noise ceiling
-  (``neuroformer.metrics.psth``);
-- with a simulated recording (ground truth in the file): connectivity from attention
-  against the true synapses, and the lagged cross-correlation baseline
-  (``neuroformer.inference.connectivity``).
-
-It writes ``metrics.json`` and the plots (``neuroformer.plots``) into ``--out``, and logs both
-to MLflow when ``MLFLOW_TRACKING_URI`` is set (or with ``--mlflow``: the local store).
+``--model`` is anything ``neuroformer.registry.load`` takes (a checkpoint file, a sharded
+checkpoint folder, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``). ``--data`` defaults to
+the first recording the model was trained on, read as it was then (``spec.source``). What is
+measured is the model family's evaluation (``ModelFamily.evaluate``; the Neuroformer's is
+``neuroformer.inference.evaluation``); its settings are the family's ``evaluation_config``
+fields, given as further ``--name value`` (or ``name=value``) options. ``train()`` runs the same
+evaluation after testing (config key ``evaluate``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from neuroformer import cli, plots
-from neuroformer.cli import option
-from neuroformer.data.dataset import WindowDataset
-from neuroformer.data.datamodule import simulated_path
+from neuroformer import cli
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.recording import Recording
-from neuroformer.data.simulate import SimulationConfig, load_ground_truth
-from neuroformer.data.splits import SplitSpec, window_starts
-from neuroformer.data.tokenizer import SpikeTokenizer
-from neuroformer.errors import ModelMismatchError, RecordingError
-from neuroformer.inference.connectivity import attention_influence, cross_correlation_influence, score_links
-from neuroformer.inference.loading import DEFAULT_STORE, load, training_split
-from neuroformer.metrics.nlb import bits_per_spike
-from neuroformer.metrics.psth import noise_ceiling, psth, psth_correlation, rebin
-from neuroformer.metrics.rates import bin_spikes, expected_counts, jackknife
-from neuroformer.metrics.spike_sets import SpikeSetF1
-from neuroformer.registry import LoadedModel
-from neuroformer.tracking import mlflow_logger
-
-log = logging.getLogger(__name__)
+from neuroformer.errors import ConfigError, RecordingError
+from neuroformer.files import write_json
+from neuroformer.registry import load
+from neuroformer.registry.families import FAMILIES, LoadedModel, family
+from neuroformer.registry.loading import DEFAULT_STORE
+from neuroformer.registry.tracking import mlflow_logger
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Settings of one evaluation; each is also a command-line option (``--n-samples`` etc.)."""
+def evaluate(loaded: LoadedModel, out: str | Path, settings: Any = None, recording: Recording | None = None) -> dict:
+    """Evaluate ``loaded`` with its family's evaluation; writes ``out/metrics.json`` and figures.
 
-    split: str = option("test", "block of the model's own training split to evaluate on: train, val or test")
-    n_samples: int = option(8, "sampled sequences per window for the rate estimate (>= 2, for the jackknife)")
-    seed: int = option(0, "seed of the sampler and of the Poisson reference")
-    batch_size: int = option(32, "windows per model call (each repeated n_samples times)")
-    tolerance_bins: int = option(1, "largest dt-bin distance of a matched spike in spike-set F1")
-    psth_bin: float = option(0.05, "PSTH bin, seconds (rounded to a multiple of the tokenizer resolution)")
-    repeat_column: str = option("clip_id", "trials-table column naming the repeated stimulus (values >= 0)")
-    max_windows: int = option(0, "evaluate only the first this many windows of the block (0: all)")
-    connectivity: bool = option(True, "score connectivity from attention when the file has ground truth")
-    raster_seconds: float = option(2.0, "length of the raster plot's stretch, seconds")
-    psth_units: int = option(6, "units shown in the PSTH plot")
-
-    def __post_init__(self) -> None:
-        if self.split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test; got {self.split!r}")
-        if self.n_samples < 2 or self.batch_size < 1 or self.tolerance_bins < 0 or self.psth_bin <= 0:
-            raise ValueError(f"need n_samples >= 2, batch_size >= 1, tolerance_bins >= 0, psth_bin > 0; got {self}")
-
-
-def training_recording(loaded: LoadedModel) -> tuple[Path, dict]:
-    """The first recording a model was trained on, and the reader options it was read with.
-
-    A simulated default recording is found in the training's cache folder; when that folder
-    cannot be resolved outside the training run (Hydra's ``${hydra:...}``), ``outputs/data``.
-    """
-    if not loaded.train_config:
-        raise ModelMismatchError(f"{loaded.uri}: no training config found, so its recording is unknown; pass --data")
-    data = OmegaConf.create(loaded.train_config).data
-    options = {"behavior_nan": data.get("behavior_nan") or "refuse", "stimulus": data.get("stimulus")}
-    if data.get("paths"):
-        return Path(str(data.paths[0])), options
-    sim = SimulationConfig(**OmegaConf.to_container(data.simulate, resolve=True))
-    try:
-        cache = Path(str(data.cache_dir))
-    except OmegaConfBaseException:
-        cache = Path("outputs/data")
-    return simulated_path(cache, sim), options
-
-
-def _split_blocks(rec: Recording, split: SplitSpec, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) of the blocks assigned to ``name``: the same equal-block cut as ``splits.window_starts``."""
-    edges = np.linspace(rec.start, rec.stop, split.n_blocks + 1)
-    mine = split.assign() == name
-    return edges[:-1][mine], edges[1:][mine]
-
-
-def repeated_trials(rec: Recording, split: SplitSpec, name: str, tok: SpikeTokenizer, column: str
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Repeated-stimulus trials inside the ``name`` block(s), tiled by whole windows.
-
-    A trial counts if its ``column`` value is >= 0 and its span, with the past window before
-    its onset, lies inside one block of the split (the rule every window obeys).
+    Args:
+        loaded: the model (``neuroformer.registry.load``).
+        out: folder for metrics.json and the PNG figures.
+        settings: the family's ``evaluation_config`` instance (default: its defaults).
+        recording: the recording to evaluate on (default: the model's first training recording).
 
     Returns:
-        onsets (n,), stimulus of each trial (n,), and windows per trial (the shortest trial's).
+        the summary written to metrics.json: ``model``, ``family``, ``data``, ``settings``,
+        ``metrics`` (name -> float), ``plots`` (file names).
     """
-    trials = rec.trials
-    if trials is None or column not in trials.columns:
-        return np.zeros(0), np.zeros(0, dtype=np.int64), 0
-    values = np.asarray(trials.columns[column])
-    if values.dtype.kind not in "iuf":
-        raise RecordingError(rec.path, f"trials/{column}", f"expected numeric stimulus ids (>= 0 for a repeated "
-                             f"stimulus, < 0 otherwise), got dtype {values.dtype}")
-    lo, hi = _split_blocks(rec, split, name)
-    begin = trials.start - tok.past_window
-    inside = ((begin[:, None] >= lo[None]) & (trials.stop[:, None] <= hi[None])).any(axis=1)
-    keep = inside & (values >= 0)
-    if not keep.any():
-        return np.zeros(0), np.zeros(0, dtype=np.int64), 0
-    per_trial = int(np.floor(np.min(trials.stop[keep] - trials.start[keep]) / tok.window + 1e-9))
-    return trials.start[keep], values[keep].astype(np.int64), per_trial
-
-
-def _contiguous(starts: np.ndarray, window: float, n: int) -> int:
-    """How many of the first ``n`` window starts follow each other without a gap."""
-    gaps = np.flatnonzero(np.abs(np.diff(starts[:n]) - window) > 1e-6)
-    return int(gaps[0] + 1) if len(gaps) else min(n, len(starts))
-
-
-def _spike_scores(samples: np.ndarray, true: np.ndarray, tolerance: int) -> dict[str, float]:
-    """SpikeSetF1 over every sample: samples (S, B, n_bins, U), true (B, n_bins, U)."""
-    metric = SpikeSetF1(tolerance, sync_on_compute=False)  # rank 0's arrays, also inside a distributed job
-    for s in samples:
-        metric.update(s, true)
-    return {k: float(v) for k, v in metric.compute().items() if k != "windows"}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically (a reader never sees half a file), as strict JSON: NaN becomes null."""
-    def strict(value):
-        if isinstance(value, dict):
-            return {k: strict(v) for k, v in value.items()}
-        return None if isinstance(value, float) and not np.isfinite(value) else value
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(strict(data), indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _psth(rates: np.ndarray, true: np.ndarray, groups: np.ndarray, per_trial: int, cfg: EvaluationConfig,
-          tok: SpikeTokenizer, names: list[str], out: Path) -> dict[str, float]:
-    """PSTH metrics and plots of repeated trials; rates, true: (n_trials * per_trial, n_bins, U), trial-major."""
-    n = len(groups)
-    U = true.shape[-1]
-    factor = max(1, round(cfg.psth_bin / tok.resolution))
-    bin_s = factor * tok.resolution
-    pred = rebin(rates.reshape(n, per_trial * tok.n_bins, U), factor)
-    obs = rebin(true.reshape(n, per_trial * tok.n_bins, U).astype(np.float64), factor)
-    r = psth_correlation(pred, obs, groups)
-    ceiling = noise_ceiling(obs, groups)
-    ok = np.flatnonzero(np.isfinite(r))
-    ids, counts = np.unique(groups, return_counts=True)
-    if len(ok):
-        # Units from the best to the worst correlation, evenly through the ranking.
-        ranked = ok[np.argsort(-r[ok])]
-        shown = [int(u) for u in ranked[np.unique(np.linspace(0, len(ranked) - 1, cfg.psth_units).round().astype(int))]]
-        true_psth = psth(obs, groups)
-        plots.save(plots.psth_panels(psth(pred, groups).mean, true_psth.mean, bin_s, shown, r, true_psth.n_trials,
-                                     names), out / "psth.png")
-    plots.save(plots.psth_correlation_summary(r, ceiling), out / "psth_correlation.png")
-    return {
-        "psth_r_median": float(np.nanmedian(r)) if len(ok) else float("nan"),
-        "psth_r_mean": float(np.nanmean(r)) if len(ok) else float("nan"),
-        "psth_noise_ceiling_median": float(np.nanmedian(ceiling)) if np.isfinite(ceiling).any() else float("nan"),
-        "psth_units": float(len(ok)),
-        "psth_trials": float(n),
-        "psth_stimuli": float(len(ids)),
-        "psth_stimuli_repeated": float((counts >= 2).sum()),
-        "psth_bin_s": bin_s,
-    }
-
-
-def _connectivity(loaded: LoadedModel, rec: Recording, starts: np.ndarray, cfg: EvaluationConfig,
-                  out: Path) -> dict[str, float]:
-    """Attention-based connectivity and the cross-correlation baseline against the file's ground truth."""
-    try:
-        truth = load_ground_truth(rec.path)
-    except RecordingError:
-        log.info("%s has no ground-truth connectivity: connectivity not scored", rec.path)
-        return {}
-    unit_vocab = loaded.spec.vocab.indices(rec.units.names, rec.path)
-    dataset = WindowDataset([rec], loaded.spec, [starts])
-    device = next(loaded.model.parameters()).device
-    batches = (dataset.__getitems__(list(range(i, min(i + cfg.batch_size, len(starts))))) for i in
-               range(0, len(starts), cfg.batch_size))
-    batches = (type(b)(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in b)) for b in batches)
-    influence, _ = attention_influence(loaded.model, batches, len(loaded.spec.vocab))
-    inferred = influence[np.ix_(unit_vocab, unit_vocab)]
-    scores = score_links(inferred, truth.connectivity)
-    # The baseline sees the same spikes: those inside the evaluated windows.
-    times, units = rec.units.spike_times, rec.units.spike_units
-    k = np.searchsorted(starts, times, side="right") - 1
-    inside = (k >= 0) & (times < starts[np.maximum(k, 0)] + loaded.spec.tokenizer.window)
-    baseline = score_links(cross_correlation_influence(times[inside], units[inside], rec.units.n_units),
-                           truth.connectivity)
-    plots.save(plots.connectivity_matrices(inferred, truth.connectivity,
-                                           {"AUROC": scores.auroc, "AP": scores.ap, "chance AP": scores.chance_ap},
-                                           title="Connectivity from attention x gradient vs true"),
-               out / "connectivity.png")
-    result = {f"connectivity_{k}": float(v) for k, v in dataclasses.asdict(scores).items()}
-    result.update({f"xcorr_{k}": float(v) for k, v in dataclasses.asdict(baseline).items()
-                   if k in ("auroc", "ap", "direction_auroc", "direction_accuracy")})
-    return result
-
-
-def evaluate(loaded: LoadedModel, rec: Recording, out: str | Path, cfg: EvaluationConfig = EvaluationConfig()
-             ) -> dict:
-    """Evaluate ``loaded`` on ``rec``'s ``cfg.split`` block; writes ``out/metrics.json`` and PNGs.
-
-    Returns:
-        the summary written to metrics.json: ``metrics`` (name -> float), ``settings``,
-        ``plots`` (file names), ``model``, ``data``.
-    """
+    fam = loaded.model_family
+    if fam.evaluation_config is None:
+        raise ConfigError(f"{loaded.uri}: models of the {fam.name} family have no evaluation")
+    settings = settings if settings is not None else fam.evaluation_config()
+    if recording is None:
+        recording = training_recording(loaded)
     began = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    spec, model = loaded.spec, loaded.model
-    tok = spec.tokenizer
-    split = training_split(loaded)
-    grid = window_starts(rec.start, rec.stop, split, cfg.split, tok.window, tok.past_window, tok.window)
-    if cfg.max_windows:
-        grid = grid[: cfg.max_windows]
-    if len(grid) == 0:
-        raise RecordingError(rec.path, "windows", f"no {cfg.split} windows under the model's split {split}")
-    onsets, groups, per_trial = repeated_trials(rec, split, cfg.split, tok, cfg.repeat_column)
-    trial_starts = (onsets[:, None] + tok.window * np.arange(per_trial)[None]).ravel()
-    starts = np.concatenate([grid, trial_starts])
-    log.info("Evaluating %d %s windows and %d repeated trials x %d windows, %d samples each",
-             len(grid), cfg.split, len(onsets), per_trial, cfg.n_samples)
-
-    est = expected_counts(model, spec, rec, starts, cfg.n_samples, generator=torch.Generator().manual_seed(cfg.seed),
-                          batch_size=cfg.batch_size)
-    U, n = rec.units.n_units, len(grid)
-    true = bin_spikes(rec.units.spike_times, rec.units.spike_units, starts, tok, U)
-    rates, obs, samples = est.rates[:n], true[:n], est.samples[:, :n]
-
-    # Reference sampler: each unit spikes as a Poisson process at its mean rate (the NLB null).
-    null_rate = obs.mean(axis=(0, 1))
-    null_samples = np.random.default_rng(cfg.seed).poisson(null_rate, size=samples.shape)
-    true_per_window = obs.sum(axis=(1, 2))
-    metrics = {
-        "bits_per_spike": jackknife(lambda r: bits_per_spike(r, obs), est.sample_rates[:, :n]),
-        "bits_per_spike_plugin": bits_per_spike(rates, obs),
-        "rate_ratio": float(rates.sum() / max(obs.sum(), 1)),
-        **{f"spike_{k}": v for k, v in _spike_scores(samples, obs, cfg.tolerance_bins).items()},
-        **{f"poisson_spike_{k}": v for k, v in _spike_scores(null_samples, obs, cfg.tolerance_bins).items()},
-        "windows": float(n),
-        "units": float(U),
-        "true_spikes": float(obs.sum()),
-        "true_spikes_per_window": float(true_per_window.mean()),
-        "generated_spikes_per_window": float(samples.sum(axis=(2, 3)).mean()),
-        "windows_over_capacity": float((true_per_window > tok.max_tokens - 1).mean()),
-    }
-    names = list(rec.units.names)
-    if len(onsets) and per_trial:
-        metrics.update(_psth(est.rates[n:], true[n:], groups, per_trial, cfg, tok, names, out))
-    if cfg.connectivity:
-        metrics.update(_connectivity(loaded, rec, grid, cfg, out))
-
-    n_raster = _contiguous(grid, tok.window, max(1, round(cfg.raster_seconds / tok.window)))
-    window_rate = obs[:n_raster].sum(axis=(0, 1))
-    plots.save(plots.raster(obs[:n_raster].reshape(-1, U), samples[0, :n_raster].reshape(-1, U), float(grid[0]),
-                            tok.resolution, tok.n_bins, order=np.argsort(-window_rate, kind="stable"),
-                            title=f"{cfg.split} block: true vs generated (open loop, one sample per window)"),
-               out / "raster.png")
-    seconds = n * tok.window
-    plots.save(plots.rate_calibration(rates.sum(axis=(0, 1)) / seconds, obs.sum(axis=(0, 1)) / seconds),
-               out / "rate_calibration.png")
-    metrics["seconds"] = time.perf_counter() - began
-
+    result = fam.evaluate(loaded, out, settings, recording)
+    metrics = {**result["metrics"], "seconds": time.perf_counter() - began}
     summary = {
         "model": loaded.uri,
-        "data": str(rec.path),
-        "settings": {**dataclasses.asdict(cfg), "split_spec": dataclasses.asdict(split),
-                     "resolution_s": tok.resolution, "window_s": tok.window},
+        "family": fam.name,
+        "data": str(recording.path),
+        "settings": {**dataclasses.asdict(settings), **result.get("settings", {})},
         "metrics": metrics,
         "plots": sorted(p.name for p in out.glob("*.png")),
     }
-    _write_json(out / "metrics.json", summary)
+    write_json(out / "metrics.json", summary)
     return summary
+
+
+def training_recording(loaded: LoadedModel) -> Recording:
+    """The first recording ``loaded`` was trained on, read with the reader options used then."""
+    source = loaded.spec.source
+    if not source.files:
+        raise ConfigError(f"{loaded.uri}: the model does not record which recording it was trained on "
+                          "(trained before data sources were saved); pass --data")
+    if not Path(source.files[0]).is_file():
+        raise RecordingError(source.files[0], "file", f"the recording {loaded.uri} was trained on is not on this "
+                             "machine; pass --data with a copy of it")
+    return source.read()
 
 
 def log_to_mlflow(summary: dict, out: Path, store: Path, experiment: str) -> tuple[str, str]:
@@ -334,12 +104,25 @@ def log_to_mlflow(summary: dict, out: Path, store: Path, experiment: str) -> tup
     return logger._tracking_uri, run_id
 
 
+def _settings_help() -> str:
+    """The evaluation settings of every family, for ``--help``."""
+    lines = ["evaluation settings (--name value or name=value), by model family:"]
+    for name in FAMILIES:
+        config = family(name).evaluation_config
+        for f in dataclasses.fields(config) if config is not None else ():
+            lines.append(f"  {name}: --{f.name.replace('_', '-')} (default {f.default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = cli.parser(
         "python -m neuroformer.evaluate",
-        "Evaluate a trained Neuroformer on a recording's held-out block: NLB bits per spike, spike-set "
-        "F1, PSTH correlation, connectivity (simulated data); writes metrics.json and PNG plots.")
-    parser.add_argument("--model", required=True, help="checkpoint (.ckpt) or models:/NAME/VERSION | models:/NAME@ALIAS")
+        "Evaluate a trained model on held-out data of a recording (for a Neuroformer: NLB bits per spike, "
+        "spike-set F1, PSTH correlation, connectivity on simulated data); writes metrics.json and PNG plots.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _settings_help()
+    parser.add_argument("--model", required=True,
+                        help="checkpoint, sharded checkpoint folder, or models:/NAME/VERSION | models:/NAME@ALIAS")
     parser.add_argument("--data", type=Path, help="NWB recording (default: the first one the model was trained on)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/evaluations/<date>)")
     parser.add_argument("--store", type=Path, default=DEFAULT_STORE,
@@ -347,33 +130,60 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None,
                         help="log to MLflow (default: only if MLFLOW_TRACKING_URI is set)")
     parser.add_argument("--experiment", default="evaluate", help="MLflow experiment")
-    cli.add_options(parser, EvaluationConfig)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = _parser().parse_args(argv)
-    cfg = cli.options(args, EvaluationConfig)
+def family_settings(config: type, options: list[str]) -> Any:
+    """The family's ``config`` dataclass from ``--name value`` / ``name=value`` options."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    values: dict[str, Any] = {}
+    tokens = list(options)
+    while tokens:
+        token = tokens.pop(0)
+        name, eq, value = token.removeprefix("--").partition("=")
+        name = name.replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in fields and isinstance(fields[name[3:]].default, bool)
+        if negated:
+            values[name[3:]] = False
+            continue
+        if name not in fields:
+            raise ConfigError(f"unknown evaluation setting {token!r}; settings of this model: {sorted(fields)}")
+        default = fields[name].default
+        if isinstance(default, bool) and not eq and (not tokens or tokens[0].startswith("-")):
+            values[name] = True
+            continue
+        if not eq:
+            if not tokens:
+                raise ConfigError(f"evaluation setting --{name} needs a value")
+            value = tokens.pop(0)
+        try:
+            values[name] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
+        except ValueError:
+            raise ConfigError(f"evaluation setting {name}: {value!r} is not a {type(default).__name__}") from None
+    return config(**values)
+
+
+def _main(args: argparse.Namespace, options: list[str]) -> int:
     loaded = load(args.model, args.store)
-    data, options = (args.data, {}) if args.data else training_recording(loaded)
-    if not data.is_file():
-        raise SystemExit(f"{data}: recording not found; pass --data")
-    rec = read_nwb(data, **options)
+    settings = family_settings(loaded.model_family.evaluation_config, options)
+    recording = read_nwb(args.data) if args.data else None
     out = args.out or Path("outputs/evaluations") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    summary = evaluate(loaded, rec, out, cfg)
+    summary = evaluate(loaded, out, settings, recording)
     use_mlflow = args.mlflow if args.mlflow is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
     if use_mlflow:
         uri, run_id = log_to_mlflow(summary, out, args.store, args.experiment)
         print(f"MLflow:  {uri} (experiment {args.experiment}, run {run_id})")
     m = summary["metrics"]
-    print(f"Evaluated {summary['model']} on {int(m['windows'])} {cfg.split} windows of {data}")
-    for key in ("bits_per_spike", "bits_per_spike_plugin", "rate_ratio", "spike_f1", "poisson_spike_f1", "psth_r_median",
-                "psth_noise_ceiling_median", "connectivity_auroc", "xcorr_auroc"):
-        if key in m:
-            print(f"  {key:<28} {m[key]:.4f}")
+    print(f"Evaluated {summary['model']} on {summary['data']}")
+    for key, value in m.items():
+        print(f"  {key:<34} {value:.4f}")
     print(f"Metrics: {out / 'metrics.json'}\nPlots:   {', '.join(summary['plots'])}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The family's settings are known only once the model is loaded: they arrive as ``args.extra``.
+    return cli.run(lambda args: _main(args, args.extra), _parser(), argv, extra=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ global figure state: safe in a headless job); ``save`` writes it as PNG with the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,16 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from neuroformer.files import atomic_path
+
 TRUE_COLOR, MODEL_COLOR = "black", "tab:red"
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as a PNG (Agg renderer), atomically (a temporary file renamed); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    FigureCanvasAgg(fig).print_figure(str(partial), dpi=dpi, format="png")
-    os.replace(partial, path)
-    return path
+    with atomic_path(path) as tmp:
+        FigureCanvasAgg(fig).print_figure(str(tmp), dpi=dpi, format="png")
+    return Path(path)
 
 
 def _events(counts: np.ndarray, start: float, bin_s: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,26 +154,40 @@ def rate_calibration(pred_hz: np.ndarray, true_hz: np.ndarray) -> Figure:
 
 
 def behavior_trace(times: np.ndarray, true: np.ndarray, pred: np.ndarray | None = None, name: str = "behaviour",
-                   scores: dict[str, float] | None = None, ax: Axes | None = None) -> Figure:
+                   scores: dict[str, float] | None = None, ax: Axes | None = None,
+                   period: float | None = None) -> Figure:
     """A behaviour variable over time, true and (if given) predicted.
 
     Args:
         times: (N,) seconds. true: (N,) values. pred: (N,) predictions of the same samples, or None.
         scores: e.g. ``{"R^2": 0.6, "r": 0.8}``, shown in the title.
         ax: draw into this axes of an existing figure (one panel per variable) instead of a new figure.
+        period: for an angle, its period (360 or 2 pi): a line that wraps round is broken there
+            instead of drawn across the whole axis. NaN values (no label) leave gaps too.
     """
     if ax is None:
         ax = Figure(figsize=(11, 3.5), layout="constrained").subplots()
     fig = ax.figure
-    ax.plot(times, true, color=TRUE_COLOR, lw=1, label="true")
-    if pred is not None:
-        ax.plot(times, pred, color=MODEL_COLOR, lw=1, label="predicted")
+    for values, color, label in ((true, TRUE_COLOR, "true"), (pred, MODEL_COLOR, "predicted")):
+        if values is not None:
+            x, y = _break_wraps(np.asarray(times, float), np.asarray(values, float), period)
+            ax.plot(x, y, color=color, lw=1, label=label)
+    if period is not None:
+        ax.set_ylim(-period / 2, period / 2)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(name)
     ax.legend(fontsize=8, loc="upper right")
     detail = ", ".join(f"{k} = {v:.3f}" for k, v in (scores or {}).items())
     ax.set_title(f"{name}: true vs predicted" + (f" ({detail})" if detail else ""), fontsize=10)
     return fig
+
+
+def _break_wraps(x: np.ndarray, y: np.ndarray, period: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) with a NaN point inserted wherever an angle jumps by more than half a period."""
+    if period is None or len(y) < 2:
+        return x, y
+    jumps = np.flatnonzero(np.abs(np.diff(y)) > period / 2) + 1
+    return np.insert(x, jumps, np.nan), np.insert(y, jumps, np.nan)
 
 
 def connectivity_matrices(inferred: np.ndarray, true: np.ndarray, scores: dict[str, float] | None = None,

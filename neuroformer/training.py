@@ -1,33 +1,40 @@
-"""``train(cfg)``: compose data, model, task, trainer and logger from a Hydra config and run.
+"""``train(cfg)``: compose, fit, test, log, register, evaluate and report, for any model family.
 
-The top-level ``train.py`` is a thin ``@hydra.main`` around this function; tests and
-sweeps call it directly.
+The task class named by ``cfg.task._target_`` (a ``neuroformer.tasks.base.Task``) builds the
+data module, the model and itself (``Task.compose``) and answers every family-specific question:
+its baselines and metrics, the lines to print, its figures, its evaluation, its model card.
+The top-level ``train.py`` is a thin ``@hydra.main`` around this function; tests and sweeps
+call it directly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-import logging
 from pathlib import Path
 
 import lightning as L
 import mlflow
 import numpy as np
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from neuroformer import plots, registry
-from neuroformer.data.datamodule import NWBDataModule
-from neuroformer.distributed.checkpoints import is_sharded_checkpoint, load_neuroformer
-from neuroformer.distributed.preemption import resume_checkpoint
-from neuroformer.distributed.slurm import cluster_plugins
-from neuroformer.evaluate import EvaluationConfig, evaluate
-from neuroformer.metrics.baselines import unigram_cross_entropy
-from neuroformer.models.transfer import extend_vocabulary
-from neuroformer.tracking import tracking_uri, use_tracking_uri
+from neuroformer import plots
+from neuroformer.callbacks.preemption import resume_checkpoint
+from neuroformer.callbacks.progress import output_is_terminal
+from neuroformer.distributed.checkpoints import checkpoint_metadata, is_sharded_checkpoint
+from neuroformer.distributed.plugins import cluster_plugins
+from neuroformer.errors import ConfigError
+from neuroformer.files import write_json
+from neuroformer.registry import LoadedModel, load, log_model
+from neuroformer.registry.families import CARD_KEY
+from neuroformer.registry.tracking import log_run_config, use_tracking_uri
+from neuroformer.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -47,104 +54,132 @@ def _flat_params(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
-def _pretrained(cfg: DictConfig) -> registry.LoadedModel | None:
-    """The registered model that ``task.pretrained`` names (from the run's MLflow store), or None."""
-    uri = cfg.task.get("pretrained")
-    if not uri:
-        return None
-    store = OmegaConf.select(cfg, "logger.mlflow.store", default=f"{cfg.paths.output_root}/mlflow.db")
-    log.info("Fine-tuning %s: its tokenizer, inputs and sizes replace data.* and model.* settings", uri)
-    with use_tracking_uri(OmegaConf.select(cfg, "logger.mlflow.tracking") or tracking_uri(store)):
-        return registry.load_model(uri)
-
-
 @contextmanager
 def _active_run(logger: MLFlowLogger) -> Iterator[mlflow.ActiveRun]:
     """The logger's run as MLflow's active run, whatever experiment an earlier run left active."""
-    mlflow.set_experiment(experiment_id=logger.experiment_id)
-    with mlflow.start_run(run_id=logger.run_id) as run:
-        yield run
+    with use_tracking_uri(logger._tracking_uri):
+        mlflow.set_experiment(experiment_id=logger.experiment_id)
+        with mlflow.start_run(run_id=logger.run_id) as run:
+            yield run
 
 
-def _headline(m: dict[str, float]) -> str:
-    """The evaluation numbers a person reads first."""
-    keys = {"bits_per_spike": "bits/spike", "psth_r_median": "PSTH r", "spike_f1": "spike F1",
-            "connectivity_auroc": "connectivity AUROC"}
-    return ", ".join(f"{label} {m[k]:.3f}" for k, label in keys.items() if k in m)
+def _headline(task: Task, metrics: dict[str, float]) -> str:
+    """The evaluation numbers a person reads first (the family's ``headline_metrics``)."""
+    keys = [k for k in task.model_family.headline_metrics if k in metrics] or list(metrics)[:4]
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys)
 
 
 def train(cfg: DictConfig) -> float:
-    """Fit, test, compare with the unigram baseline, log and register; returns the optimised metric."""
+    """Fit, test, compare with the family's baselines, log, register and evaluate; returns the
+    metric a sweeper optimises (``cfg.optimized_metric``).
+
+    A run that fails after its MLflow run was opened ends that run FAILED, with the error as
+    the tag ``neuroformer.error``; it writes no metrics.json and registers no model.
+    """
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    pretrained = _pretrained(cfg)
-    # (partial: Hydra would turn a dataclass keyword argument into config)
-    datamodule: NWBDataModule = instantiate(cfg.data, _partial_=True)(reference=pretrained.spec if pretrained else None)
-    datamodule.setup()
-    if pretrained is not None:  # its vocabulary extended with the data's new units, if any
-        model = extend_vocabulary(pretrained.model, pretrained.spec.vocab, datamodule.spec.vocab)
-        transfer = {"pretrained_vocab": pretrained.spec.vocab}
-    else:
-        model, transfer = instantiate(cfg.model)(spec=datamodule.spec), {}
-    # Plain containers in the hyperparameters, so checkpoints load with weights_only=True.
-    task = instantiate(cfg.task, _convert_="all")(model=model, spec=datamodule.spec, **transfer)
+    task_class: type[Task] = get_class(cfg.task._target_)
+    task, datamodule = task_class.compose(cfg)
+    task.train_config = OmegaConf.to_yaml(cfg, resolve=True)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values()]
-    plugins = [*instantiate(cfg.trainer.get("plugins") or []), *cluster_plugins()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins)
     mlflow_logger = next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None)
-    for lg in loggers:
-        lg.log_hyperparams(_flat_params(cfg))
-    n_parameters = sum(p.numel() for p in model.parameters())  # before fit: ZeRO-3 leaves empty shards
-    log.info("Model: %.2fM parameters; data: %s", n_parameters / 1e6,
-             ", ".join(str(f) for f in datamodule.files))
+    try:
+        return _fit_test_register(cfg, task, datamodule, loggers, mlflow_logger, out_dir)
+    except BaseException as err:
+        if mlflow_logger is not None and rank_zero_only.rank == 0:
+            mlflow_logger.experiment.set_tag(mlflow_logger.run_id, "neuroformer.error",
+                                             f"{type(err).__name__}: {err}"[:5000])
+            mlflow_logger.experiment.set_terminated(mlflow_logger.run_id, "FAILED")
+        raise
 
+
+def _callbacks(cfg: DictConfig, has_logger: bool) -> list[Callback]:
+    """The configured callbacks; those that need a logger only with one (``logger=none``)."""
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        callback = instantiate(node)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            log.info("No logger: callback %s (%s) left out", name, type(callback).__name__)
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def _check_resumable(task: Task, ckpt_path: str | Path) -> None:
+    """Refuse to resume ``ckpt_path`` with a model that differs from the one it holds."""
+    card = checkpoint_metadata(ckpt_path).get(CARD_KEY)
+    if card is None:
+        return
+    plain = lambda d: json.loads(json.dumps(d))  # noqa: E731 (tuples and lists compare alike)
+    saved, now = plain(card["model_config"]), plain(task.model_card()["model_config"])
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if card.get("family") != task.family or changed:
+        what = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in changed) or f"family {card.get('family')}"
+        raise ConfigError(f"{ckpt_path}: cannot resume this checkpoint with a different model ({what}); "
+                          "model settings cannot change when a run continues: revert them, or start a new run "
+                          "folder (another hydra.run.dir, or auto_resume=false)")
+
+
+def _fit_test_register(cfg: DictConfig, task: Task, datamodule: L.LightningDataModule, loggers: list,
+                       mlflow_logger: MLFlowLogger | None, out_dir: Path) -> float:
+    callbacks = _callbacks(cfg, has_logger=bool(loggers))
+    plugins = [*instantiate(cfg.trainer.get("plugins") or []), *cluster_plugins()]
+    # A progress bar for a terminal; plain progress lines (callbacks.progress_log) for log files.
+    bar = cfg.trainer.get("enable_progress_bar", output_is_terminal())
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=plugins,
+                                     enable_progress_bar=bar)
     # A restarted (requeued) job continues from its run folder's last checkpoint.
     ckpt_path = cfg.get("ckpt_path") or (
         resume_checkpoint(callbacks, trainer.default_root_dir) if cfg.get("auto_resume") else None)
+    if ckpt_path:
+        _check_resumable(task, ckpt_path)
+    params = _flat_params(cfg)
+    for lg in loggers:
+        if isinstance(lg, MLFlowLogger):
+            changes = log_run_config(lg, params) if rank_zero_only.rank == 0 else {}
+            if changes:
+                log.warning("Continuing MLflow run %s with changed settings (recorded as config_change/* tags): %s",
+                            lg.run_id, "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in changes.items()))
+        else:
+            lg.log_hyperparams(params)
+    n_parameters = sum(p.numel() for p in task.model.parameters())  # before fit: ZeRO-3 leaves empty shards
+    log.info("Model: %s, %.2fM parameters; data: %s", task.family, n_parameters / 1e6,
+             ", ".join(str(f) for f in task.spec.source.files))
+
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     (result,) = trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-
-    train_counts = datamodule.datasets["train"].target_counts()
-    test_counts = datamodule.datasets["test"].target_counts()
-    metrics = {k: float(v) for k, v in result.items()}
-    metrics["test/id_ce_unigram"] = unigram_cross_entropy(train_counts, test_counts)
-    metrics["test/id_ce_vs_unigram"] = metrics["test/id_ce"] / metrics["test/id_ce_unigram"] - 1
-    metrics["test/n_tokens"] = float(test_counts.sum())
+    metrics = task.summarize({k: float(v) for k, v in result.items()}, datamodule)
     metrics["n_parameters"] = float(n_parameters)
     if not trainer.is_global_zero:  # test metrics are synced across ranks; rank 0 alone logs and registers
-        return metrics[cfg.get("optimized_metric", "test/id_ce")]
+        return _optimized(cfg, metrics)
 
+    # A sharded (DeepSpeed) checkpoint comes back consolidated into a fresh model with full fp32 weights.
+    model = load(best).model if best and is_sharded_checkpoint(best) else task.model
+    trained = LoadedModel(model, task.spec, task.family, task.train_config, best)
     logging_run = mlflow_logger is not None and not trainer.fast_dev_run
-    # A sharded (DeepSpeed) checkpoint is consolidated into a fresh model with full fp32 weights.
-    best_model = load_neuroformer(best)[0] if best and is_sharded_checkpoint(best) else task.model
-    train_config = OmegaConf.to_yaml(cfg, resolve=True)
     model_uri = None
     if logging_run:
-        with use_tracking_uri(mlflow_logger._tracking_uri), _active_run(mlflow_logger):
+        with _active_run(mlflow_logger):
             mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items() if np.isfinite(v)})
             reg = cfg.get("registry") or {}
-            model_uri = registry.log_model(
-                best_model, datamodule.spec, train_config,
-                registered_name=reg.get("model_name") if reg.get("register", True) else None,
-                alias=reg.get("alias"),
-            )
-        metrics_run = {"mlflow_run_id": mlflow_logger.run_id, "mlflow_tracking_uri": mlflow_logger._tracking_uri}
+            model_uri = log_model(trained, registered_name=reg.get("model_name") if reg.get("register", True) else None,
+                                  alias=reg.get("alias"))
+        run_info = {"mlflow_run_id": mlflow_logger.run_id, "mlflow_tracking_uri": mlflow_logger._tracking_uri}
     else:
-        metrics_run = {}
-    summary = {**metrics, **metrics_run, "model_uri": model_uri, "best_checkpoint": best}
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        run_info = {}
+    write_json(out_dir / "metrics.json", {**metrics, **run_info, "model_uri": model_uri, "best_checkpoint": best})
     artifacts = [out_dir / "metrics.json"] + [plots.save(fig, out_dir / name) for name, fig in task.figures().items()]
     evaluation = None
-    if cfg.get("evaluate") and not trainer.fast_dev_run:
+    if not trainer.fast_dev_run:
         # On the training device (a consolidated sharded model comes back on the CPU).
-        loaded = registry.LoadedModel(best_model.to(trainer.strategy.root_device).eval(), datamodule.spec,
-                                      train_config, model_uri or best)
-        evaluation = evaluate(loaded, datamodule.recordings[0], out_dir / "evaluation",
-                              EvaluationConfig(**OmegaConf.to_container(cfg.evaluate, resolve=True)))
+        trained.model = model.to(trainer.strategy.root_device).eval()
+        trained.uri = model_uri or best
+        evaluate_cfg = cfg.get("evaluate")
+        settings = OmegaConf.to_container(evaluate_cfg, resolve=True) if evaluate_cfg is not None else None
+        evaluation = task.evaluate(trained, datamodule, out_dir / "evaluation", settings)
     if logging_run:
         for path in artifacts:
             mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(path))
@@ -154,14 +189,21 @@ def train(cfg: DictConfig) -> float:
                 mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(out_dir / "evaluation" / name),
                                                       "evaluation")
 
-    print(
-        f"\nTest ID cross-entropy {metrics['test/id_ce']:.4f} nats vs unigram baseline "
-        f"{metrics['test/id_ce_unigram']:.4f} ({100 * metrics['test/id_ce_vs_unigram']:+.1f}%)\n"
-        + (f"Test behaviour R^2 {metrics['test/behavior_r2']:.4f} vs training mean "
-           f"{metrics['test/behavior_r2_train_mean']:.4f}\n" if "test/behavior_r2" in metrics else "")
-        + f"Run folder:  {out_dir}\nMetrics:     {out_dir / 'metrics.json'}\n"
-        + (f"MLflow:      {metrics_run['mlflow_tracking_uri']} (run {metrics_run['mlflow_run_id']})\n" if metrics_run else "")
-        + (f"Model:       {model_uri}\n" if model_uri else "")
-        + (f"Evaluation:  {out_dir / 'evaluation'} ({_headline(evaluation['metrics'])})\n" if evaluation else "")
-    )
-    return metrics[cfg.get("optimized_metric", "test/id_ce")]
+    print("\n" + "\n".join([
+        *task.report(metrics),
+        f"Run folder:  {out_dir}",
+        f"Metrics:     {out_dir / 'metrics.json'}",
+        *([f"MLflow:      {run_info['mlflow_tracking_uri']} (run {run_info['mlflow_run_id']})"] if run_info else []),
+        *([f"Model:       {model_uri}"] if model_uri else []),
+        *([f"Evaluation:  {out_dir / 'evaluation'} ({_headline(task, evaluation['metrics'])})"] if evaluation else []),
+    ]) + "\n")
+    return _optimized(cfg, metrics)
+
+
+def _optimized(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """The metric a sweeper optimises (``cfg.optimized_metric``); asked for once the run is saved."""
+    key = cfg.get("optimized_metric", "test/loss")
+    if key not in metrics:
+        raise ConfigError(f"optimized_metric: {key!r} is not a metric of this run (saved in metrics.json all the "
+                          f"same); it has {sorted(metrics)}")
+    return metrics[key]

@@ -9,13 +9,12 @@ from neuroformer.data.nwb import read_nwb
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.tokenizer import N_SPECIAL, PAD
 from neuroformer.inference.connectivity import (
-    _auroc_ap,
     attention_influence,
     cross_correlation_influence,
     lagged_pair_counts,
-    score_links,
     spikes_in_windows,
 )
+from neuroformer.metrics.links import _auroc_ap, score_links
 from tests.test_model import make_batch, make_model
 
 
@@ -90,7 +89,7 @@ def test_attention_influence_accumulates_pairs_of_past_and_target_units():
     np.testing.assert_array_equal(counts, expected_counts)
     assert np.isnan(influence[counts == 0]).all()
     with torch.no_grad():
-        _, weights = model.forward_with_attention(batch)
+        _, weights = model.forward_with_attention(batch.inputs)
     mean_attention = torch.stack(weights).mean(dim=(0, 2))  # (B, T, context)
     # M[1, 5]: the only pair is window 1's second target attending to past token 2 (unit 1).
     assert influence[1, 5] == pytest.approx(float(mean_attention[1, 1, 2]), rel=1e-6)
@@ -103,7 +102,7 @@ def test_attention_x_gradient_averages_each_pairs_relevance():
     model, batch = make_model(), make_batch(b=2, n_cur=4, n_past=3)
     influence, counts = attention_influence(model, [batch], 10, method="attention_x_gradient")
     # Reference, pair by pair: relevance = sum over blocks and heads of A * d(log-likelihood)/dA.
-    out, weights = model.forward_with_attention(batch)
+    out, weights = model.forward_with_attention(batch.inputs)
     is_unit = batch.target_ids >= N_SPECIAL
     log_lik = (out.id_logits.log_softmax(-1).gather(-1, batch.target_ids[..., None])[..., 0] * is_unit).sum()
     grads = torch.autograd.grad(log_lik, weights)
@@ -124,8 +123,8 @@ def test_attention_of_a_trained_model_recovers_synapses(tmp_path):
 
     from neuroformer.data.simulate import SimulationConfig, simulate_recording
     from neuroformer.data.splits import SPLITS, window_starts
-    from neuroformer.inference.connectivity import evaluate
-    from neuroformer.inference.loading import load
+    from neuroformer.inference.connectivity import estimate
+    from neuroformer.registry import load
     from neuroformer.training import train
     from tests.configs import compose
 
@@ -142,8 +141,8 @@ def test_attention_of_a_trained_model_recovers_synapses(tmp_path):
     split = instantiate(cfg.data.split)
     t0 = np.concatenate([window_starts(rec.start, rec.stop, split, s, tok.window, tok.past_window, tok.window)
                          for s in SPLITS])
-    scores = evaluate(loaded.model, loaded.spec, rec, truth, t0, batch_size=64)
-    attn, xcorr = scores["attention_x_gradient"], scores["cross_correlation"]
+    estimates = estimate(loaded.model, loaded.spec, rec, t0, batch_size=64)
+    attn, xcorr = (score_links(estimates[k], truth.connectivity) for k in ("attention_x_gradient", "cross_correlation"))
     assert xcorr.auroc > 0.9
     # Beats chance, with the right signs: excitatory links raise the log-likelihood of the post
     # unit's spikes (0.69 here), inhibitory ones lower it (0.86). Far below the baseline: see docs.

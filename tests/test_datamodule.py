@@ -83,9 +83,20 @@ def test_real_alm_recording_windows_lie_inside_trials():
     assert int(batch.ids.max()) < dm.spec.vocab.size == 4 + N_SPECIAL
 
 
+def test_units_only_files_train_without_a_flag_but_not_with_explicit_frames(small_sim_path, caplog):
+    with caplog.at_level("INFO"):
+        alm = NWBDataModule(paths=[ALM])  # n_frames: auto
+        alm.setup()
+    assert alm.spec.n_frames == 0 and alm.datasets["train"].__getitems__([0]).frames is None
+    assert "Stimulus: none in the recording" in caplog.text
+    sim = NWBDataModule(paths=[str(small_sim_path)])
+    sim.setup()
+    assert sim.spec.n_frames == 4 and sim.spec.frame_shape == (32, 32)  # auto: the file has a movie
+    with pytest.raises(RecordingError, match=r"stimulus: no stimulus frames found, but data.n_frames=4"):
+        NWBDataModule(paths=[ALM], n_frames=4).setup()
+
+
 def test_missing_modalities_and_tables_are_named(small_sim_path):
-    with pytest.raises(RecordingError, match="stimulus"):
-        NWBDataModule(paths=[ALM]).setup()
     with pytest.raises(RecordingError, match="behavior/pupil"):
         NWBDataModule(paths=[str(small_sim_path)], behavior=["pupil"]).setup()
     with pytest.raises(RecordingError, match="intervals/epochs"):

@@ -20,7 +20,7 @@ import lightning as L
 import mlflow
 import pytest
 import torch
-import torch.nn.functional as F
+import yaml
 from hydra.utils import instantiate
 
 from neuroformer import registry
@@ -28,11 +28,12 @@ from neuroformer.data.tokenizer import PAD
 from neuroformer.distributed.checkpoints import (
     consolidated_checkpoint,
     is_sharded_checkpoint,
-    load_neuroformer,
     weights_only_loading,
+    write_consolidated,
 )
 from neuroformer.distributed.strategies import CPUZeroStrategy, deepspeed_strategy, replace_directory
 from tests.configs import compose
+from tests.helpers import token_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.n_embd=32", "model.n_head=2", "model.n_layer=1", "model.patch=[1,8,8]"]
@@ -82,24 +83,12 @@ def run_training(name: str, overrides: list[str], root: Path, timeout: float = R
 
 def weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights of a training checkpoint (single file or sharded folder)."""
-    return load_neuroformer(path)[0].state_dict()
+    return registry.load(path).model.state_dict()
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def token_cross_entropy(model, loader) -> float:
-    """Mean next-ID cross-entropy over all target tokens of a data loader, in this process."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(batch).id_logits
-            total += F.cross_entropy(logits.flatten(0, 1), batch.target_ids.flatten(), ignore_index=PAD,
-                                     reduction="sum").item()
-            n += int((batch.target_ids != PAD).sum())
-    return total / n
 
 
 def metric_history(metrics: dict, key: str) -> list[tuple[int, float]]:
@@ -163,11 +152,15 @@ def test_replace_directory_swaps_whole_folders(tmp_path):
     replace_directory(new, target)
     assert sorted(p.name for p in target.iterdir()) == ["shard.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .tmp or .old left behind
-    # A save that died before its rename leaves the previous checkpoint untouched.
-    stale = tmp_path / "other.ckpt.tmp"
-    stale.mkdir()
-    (stale / "half_written.pt").write_text("partial")
-    assert (target / "shard.pt").read_text() == "new"
+    # A swap killed between its two renames leaves the previous checkpoint whole at .old; the
+    # next swap then completes and clears it.
+    os.replace(target, tmp_path / "last.ckpt.old")
+    newer = tmp_path / "newer.tmp"
+    newer.mkdir()
+    (newer / "shard.pt").write_text("newer")
+    replace_directory(newer, target)
+    assert (target / "shard.pt").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
 @cpu_ranks
@@ -189,19 +182,30 @@ def test_zero3_offload_on_two_cpu_ranks_tests_best_checkpoint_and_registers_it(s
     n_params = int(metrics["n_parameters"])
     assert held[0] == held[1] and n_params <= sum(held) < n_params + 2 * 64, (held, n_params)  # + alignment padding
 
-    # Consolidated into a fresh model with every parameter at full shape...
-    model, spec = load_neuroformer(best)
-    assert sum(p.numel() for p in model.parameters()) == n_params
-    # ...which is what the registry holds (loaded by alias, as another process would).
+    # One loader for every form of the trained model: the sharded folder (consolidated on the fly,
+    # every parameter at full shape), a consolidated checkpoint file, and the registry (by alias,
+    # as another process would). All three are the same model with the same spec and config.
+    from_folder = registry.load(best)
+    assert sum(p.numel() for p in from_folder.model.parameters()) == n_params
+    from_file = registry.load(write_consolidated(best, tmp_path / "consolidated.ckpt"))
     mlflow.set_tracking_uri(metrics["mlflow_tracking_uri"])
-    loaded = registry.load_model("models:/nf-zero3@champion")
-    assert max_abs_diff(loaded.model.state_dict(), model.state_dict()) == 0.0
-
-    # The test metric was computed with those weights: recompute it here in one process.
+    from_registry = registry.load("models:/nf-zero3@champion")
     datamodule = instantiate(compose(overrides, tmp_path / "recompute").data)
     datamodule.setup()
+    batch = next(iter(datamodule.test_dataloader()))
+    with torch.no_grad():
+        expected = from_folder.model(batch.inputs).id_logits
+    for loaded in (from_file, from_registry):
+        assert loaded.family == "neuroformer" and loaded.spec.to_dict() == from_folder.spec.to_dict()
+        assert loaded.train_config == from_folder.train_config
+        assert yaml.safe_load(loaded.train_config)["trainer"]["strategy"]["stage"] == 3
+        with torch.no_grad():
+            assert torch.equal(loaded.model(batch.inputs).id_logits, expected)
+
+    # The test metric was computed with those weights: recompute it here in one process.
     assert len(datamodule.datasets["test"]) % 2 == 0  # no window duplicated by the 2-rank sampler
-    assert token_cross_entropy(model, datamodule.test_dataloader()) == pytest.approx(metrics["test/id_ce"], rel=1e-5)
+    assert token_cross_entropy(from_folder.model, datamodule.test_dataloader()) == pytest.approx(
+        metrics["test/id_ce"], rel=1e-5)
 
 
 # --- slow: agreement with one process, resume ------------------------------------------------
@@ -272,8 +276,8 @@ def assert_same_training(runs: ExactRuns, name: str, tmp_path: Path) -> None:
     # Both compute the same function: validation cross-entropy, evaluated here in one process.
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    val_single = token_cross_entropy(load_neuroformer(single_last)[0], datamodule.val_dataloader())
-    val_zero = token_cross_entropy(load_neuroformer(zero_last)[0], datamodule.val_dataloader())
+    val_single = token_cross_entropy(registry.load(single_last).model, datamodule.val_dataloader())
+    val_zero = token_cross_entropy(registry.load(zero_last).model, datamodule.val_dataloader())
     assert val_zero == pytest.approx(val_single, rel=1e-5)
 
 

@@ -24,7 +24,7 @@ from neuroformer.errors import ModelMismatchError, RecordingError
 from neuroformer.models.neuroformer import Neuroformer
 from neuroformer.models.transfer import ID_ROWS, extend_vocabulary
 from neuroformer.tasks.finetune import FinetuneTask
-from neuroformer.tracking import tracking_uri
+from neuroformer.registry.tracking import tracking_uri
 from neuroformer.training import train
 from tests.configs import compose
 
@@ -48,7 +48,7 @@ def register(model: Neuroformer, spec: InputSpec, tmp_path: Path, name: str) -> 
     mlflow.set_tracking_uri(tracking_uri(tmp_path / "outputs" / "mlflow.db"))
     experiment = mlflow.create_experiment(f"register-{name}", artifact_location=str(tmp_path / "artifacts"))
     with mlflow.start_run(experiment_id=experiment):
-        registry.log_model(model, spec, registered_name=name, alias="base")
+        registry.log_model(registry.LoadedModel(model, spec, "neuroformer"), registered_name=name, alias="base")
     return f"models:/{name}@base"
 
 
@@ -126,7 +126,7 @@ def test_extend_vocabulary_keeps_known_units_and_adds_new_rows(small_sim_path):
     batch = dm.datasets["test"].__getitems__(list(range(16)))
     batch = batch._replace(ids=batch.ids.clamp(max=old.size - 1), past_ids=batch.past_ids.clamp(max=old.size - 1))
     with torch.no_grad():
-        torch.testing.assert_close(extended(batch).id_logits[..., : old.size], model(batch).id_logits, rtol=0, atol=0)
+        torch.testing.assert_close(extended(batch.inputs).id_logits[..., : old.size], model(batch.inputs).id_logits, rtol=0, atol=0)
     with pytest.raises(ModelMismatchError, match="does not start with"):
         extend_vocabulary(model, old, UnitVocabulary(list(reversed(dm.spec.vocab.names))))
 
@@ -195,7 +195,7 @@ def test_finetune_runs_from_a_registered_model_with_its_backbone_frozen(small_si
     assert meta["pretrained"] == uri and meta["spec"]["target"]["names"] == ["running_speed"]
     assert meta["spec"]["behavior"] == [] and meta["head"]["n_outputs"] == 1
     # The backbone is the registered model, bit for bit; the head was trained.
-    registered = registry.load_model(uri).model.state_dict()
+    registered = registry.load(uri).model.state_dict()
     for key, value in registered.items():
         assert torch.equal(ckpt["state_dict"][f"model.{key}"], value), key
     assert any(k.startswith("head.") for k in ckpt["state_dict"])

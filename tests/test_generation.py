@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
 from neuroformer.inference import generate
 from neuroformer.inference.generate import SamplingConfig, filter_logits, sample_windows, simulate
-from neuroformer.registry import save_model_files
+from neuroformer.registry import LoadedModel
+from neuroformer.registry.mlflow_model import save_model_files
 from tests.configs import compose
 from tests.test_model import make_batch, make_model
 
@@ -33,9 +34,9 @@ def sim_setup(small_sim_path, tmp_path_factory):
 def test_decode_step_matches_forward_in_any_chunking():
     model, batch = make_model(), make_batch(n_cur=7)
     with torch.no_grad():
-        full = model(batch)
+        full = model(batch.inputs)
         for chunks in ([1] * 12, [5, 7], [12]):
-            cache = model.start_decoding(batch)
+            cache = model.start_decoding(batch.inputs)
             outs, start = [], 0
             for n in chunks:
                 outs.append(model.decode_step(cache, batch.ids[:, start : start + n], batch.dts[:, start : start + n]))
@@ -49,8 +50,8 @@ def test_decode_step_matches_forward_in_any_chunking():
 def test_forward_with_attention_returns_the_weights_forward_uses():
     model, batch = make_model(), make_batch(n_cur=7, n_past=11)
     with torch.no_grad():
-        out, weights = model.forward_with_attention(batch)
-        torch.testing.assert_close(out.id_logits, model(batch).id_logits, rtol=1e-5, atol=1e-5)
+        out, weights = model.forward_with_attention(batch.inputs)
+        torch.testing.assert_close(out.id_logits, model(batch.inputs).id_logits, rtol=1e-5, atol=1e-5)
     n_ctx = batch.past_ids.shape[1] + model.config.n_patches + model.config.behavior_steps
     assert len(weights) == model.config.n_layer
     for w in weights:
@@ -66,7 +67,7 @@ def test_forward_with_attention_returns_the_weights_forward_uses():
 def test_cache_and_full_forward_draw_identical_samples(sampling):
     model, batch = _long_window_model(), make_batch(b=6)
     run = lambda seed, cache: sample_windows(  # noqa: E731
-        model, batch, N_BINS, sampling, torch.Generator().manual_seed(seed), use_cache=cache)
+        model, batch.inputs, N_BINS, sampling, torch.Generator().manual_seed(seed), use_cache=cache)
     cached, full = run(1, True), run(1, False)
     assert torch.equal(cached.ids, full.ids) and torch.equal(cached.dts, full.dts)
     assert torch.equal(cached.counts, full.counts) and cached.steps == full.steps
@@ -113,7 +114,7 @@ def test_samples_obey_constraints_and_round_trip_through_the_tokenizer():
 
     model, batch = _adversarial_model(), make_batch(b=16)
     unit_tokens = torch.tensor([3, 5, 6, 8, 9, 11])
-    out = sample_windows(model, batch, N_BINS, SamplingConfig(), torch.Generator().manual_seed(0), unit_tokens)
+    out = sample_windows(model, batch.inputs, N_BINS, SamplingConfig(), torch.Generator().manual_seed(0), unit_tokens)
     tok = SpikeTokenizer(window=N_BINS * 0.005, resolution=0.005, max_tokens=12)
     assert out.counts.sum() > 30
     for ids, dts, n in zip(out.ids, out.dts, out.counts):
@@ -128,7 +129,7 @@ def test_samples_obey_constraints_and_round_trip_through_the_tokenizer():
         assert enc.ids[0, :n].tolist() == spikes_ids.tolist() and enc.dts[0, :n].tolist() == spikes_dts.tolist()
     # The constraints were binding: unconstrained, the model wanted forbidden tokens.
     with torch.no_grad():
-        logits = model(batch._replace(ids=out.ids, dts=out.dts))
+        logits = model(batch.inputs._replace(ids=out.ids, dts=out.dts))
     assert torch.isin(logits.id_logits.argmax(-1), torch.tensor([PAD, SOS])).any()
     wanted_bin = logits.dt_logits.argmax(-1) - N_SPECIAL
     previous_bin = torch.where(out.dts >= N_SPECIAL, out.dts - N_SPECIAL, 0)
@@ -185,7 +186,7 @@ def test_closed_loop_feeds_the_generated_spikes_back_as_past(sim_setup, monkeypa
 def test_cli_writes_the_generated_spikes(sim_setup, small_sim_path, tmp_path, capsys):
     model, dm, cfg = sim_setup
     folder = tmp_path / "model"
-    save_model_files(folder, model, dm.spec, OmegaConf.to_yaml(cfg, resolve=True))
+    save_model_files(folder, LoadedModel(model, dm.spec, "neuroformer", OmegaConf.to_yaml(cfg, resolve=True)))
     out = tmp_path / "gen.npz"
     generate.main(["--model", str(folder), "--data", str(small_sim_path), "--out", str(out), "--n-windows", "4",
                    "--samples", "2", "--top-k", "20"])

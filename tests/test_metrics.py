@@ -16,7 +16,9 @@ from neuroformer.data.vocabulary import UnitVocabulary
 from neuroformer.metrics.behavior import behavior_metrics, behavior_scores
 from neuroformer.metrics.nlb import BitsPerSpike, bits_per_spike
 from neuroformer.metrics.psth import noise_ceiling, psth, psth_correlation, rebin
-from neuroformer.metrics.rates import bin_spikes, expected_counts, jackknife
+from neuroformer.data.tokenizer import bin_spikes
+from neuroformer.inference.rates import expected_counts
+from neuroformer.metrics.resampling import jackknife
 from neuroformer.metrics.spike_sets import SpikeSetF1, matched_counts, spike_set_scores
 from neuroformer.models.neuroformer import Neuroformer
 
@@ -271,7 +273,7 @@ def test_single_step_rates_are_the_model_probabilities(small_sim_path):
     est = expected_counts(model, spec, rec, starts, n_samples=1, generator=torch.Generator().manual_seed(0))
     batch = WindowDataset([rec], spec, [starts]).__getitems__([0, 1, 2])
     with torch.no_grad():
-        out = model(batch)
+        out = model(batch.inputs)
     n_bins = spec.tokenizer.n_bins
     p_dt = out.dt_logits[:, 0, [EOS, *range(N_SPECIAL, N_SPECIAL + n_bins)]].double().softmax(-1)[:, 1:]
     p_id = out.id_logits[:, 0, N_SPECIAL:].double().softmax(-1)

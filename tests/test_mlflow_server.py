@@ -29,7 +29,8 @@ from neuroformer.data.nwb import read_nwb
 from neuroformer.data.splits import window_starts
 from neuroformer.errors import ModelMismatchError
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
-from neuroformer.tracking import mlflow_server, use_tracking_uri
+from neuroformer.registry.mlflow_model import CARD, WEIGHTS, save_model_files
+from neuroformer.registry.tracking import mlflow_server, use_tracking_uri
 from neuroformer.training import train
 from tests.configs import compose
 from tests.unsafe import RunsCode
@@ -61,7 +62,7 @@ def tracking(server, monkeypatch) -> str:
 def register(model: Neuroformer, spec, name: str, alias: str | None = None) -> str:
     mlflow.set_experiment(f"register-{name}")
     with mlflow.start_run():
-        return registry.log_model(model, spec, registered_name=name, alias=alias)
+        return registry.log_model(registry.LoadedModel(model, spec, "neuroformer"), registered_name=name, alias=alias)
 
 
 def test_model_is_refused_on_data_its_vocabulary_or_inputs_do_not_fit(tracking, small_sim_path):
@@ -72,12 +73,12 @@ def test_model_is_refused_on_data_its_vocabulary_or_inputs_do_not_fit(tracking, 
     small_frames = replace(dm.spec, frame_shape=(16, 16))
     register(Neuroformer.build(small_frames, **TINY), small_frames, "nf-mismatch")
 
-    loaded = registry.load_model("models:/nf-mismatch@champion")
+    loaded = registry.load("models:/nf-mismatch@champion")
     sim, alm = read_nwb(small_sim_path), read_nwb(ALM)
     WindowDataset([sim], loaded.spec, [np.array([sim.start + 1.0])])  # the data it was built for
     with pytest.raises(ModelMismatchError, match=r"not in the model's unit vocabulary"):
         WindowDataset([alm], loaded.spec, [np.array([alm.start + 1.0])])  # another session's units
-    other = registry.load_model("models:/nf-mismatch/2")
+    other = registry.load("models:/nf-mismatch/2")
     with pytest.raises(ModelMismatchError, match=r"stimulus: frames are \(32, 32\) but the model expects \(16, 16\)"):
         WindowDataset([sim], other.spec, [np.array([sim.start + 1.0])])
 
@@ -86,12 +87,12 @@ def test_weights_that_would_run_code_are_refused(small_sim_path, tmp_path):
     dm = NWBDataModule(paths=[str(small_sim_path)], n_frames=0)
     dm.setup()
     folder = tmp_path / "model"
-    registry.save_model_files(folder, Neuroformer.build(dm.spec, **TINY), dm.spec)
-    assert registry.load_model_files(folder).spec.to_dict() == dm.spec.to_dict()
+    save_model_files(folder, registry.LoadedModel(Neuroformer.build(dm.spec, **TINY), dm.spec, "neuroformer"))
+    assert registry.load(folder).spec.to_dict() == dm.spec.to_dict()
     marker = tmp_path / "code-ran"
-    torch.save({"id_embedding.weight": RunsCode(marker)}, folder / registry.WEIGHTS)
+    torch.save({"id_embedding.weight": RunsCode(marker)}, folder / WEIGHTS)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        registry.load_model_files(folder)
+        registry.load(folder)
     assert not marker.exists()
 
 
@@ -101,16 +102,16 @@ import numpy as np, torch
 from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.splits import window_starts
-from neuroformer.inference.loading import training_split
-from neuroformer.registry import load_model
+from neuroformer.registry import load
 
-loaded = load_model(sys.argv[1])
+loaded = load(sys.argv[1])
 rec, tok = read_nwb(sys.argv[2]), loaded.spec.tokenizer
-starts = window_starts(rec.start, rec.stop, training_split(loaded), "test", tok.window, tok.past_window, tok.window)
+starts = window_starts(rec.start, rec.stop, loaded.spec.split, "test", tok.window, tok.past_window, tok.window)
 batch = WindowDataset([rec], loaded.spec, [starts[:16]]).__getitems__(list(range(16)))
 with torch.no_grad():
-    out = loaded.model(batch)
-print(json.dumps({"id_ce": float(loaded.model.losses(out, batch)["id_ce"]), "t0": batch.t0.tolist(),
+    out = loaded.model(batch.inputs)
+print(json.dumps({"id_ce": float(loaded.model.losses(out, batch.target_ids, batch.target_dts)["id_ce"]),
+                  "t0": batch.t0.tolist(),
                   "logits": out.id_logits[:, :4].flatten().tolist()}))
 """
 
@@ -133,11 +134,13 @@ def test_model_registered_on_the_server_is_loaded_by_alias_in_other_processes(
     inputs = mlflow.models.get_model_info("models:/nf-server@champion").signature.inputs
     assert inputs.input_names() == ["ids", "dts", "past_ids", "past_dts"]
     assert inputs.inputs[0].shape == (-1, model_config["block_size"])
-    spec = json.loads(Path(mlflow.artifacts.download_artifacts(
-        "models:/nf-server@champion", dst_path=str(tmp_path / "download"))).joinpath("artifacts", "spec.json").read_text())
+    card = json.loads(Path(mlflow.artifacts.download_artifacts(
+        "models:/nf-server@champion", dst_path=str(tmp_path / "download"))).joinpath("artifacts", CARD).read_text())
+    assert card["family"] == "neuroformer"
+    spec = card["spec"]
     assert spec["tokenizer"] == instantiate(cfg.data.tokenizer).to_dict()
     assert len(spec["vocab"]["names"]) == 40  # the recording's units
-    assert list((server[1] / "artifacts").rglob(registry.WEIGHTS)), "artifacts are not on the server"
+    assert list((server[1] / "artifacts").rglob(WEIGHTS)), "artifacts are not on the server"
 
     # Evaluation in another process, by alias: the logits of the best checkpoint's model.
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
@@ -155,9 +158,10 @@ def test_model_registered_on_the_server_is_loaded_by_alias_in_other_processes(
     assert got["t0"] == pytest.approx(starts[:16].tolist())  # the held-out block the model never saw
     batch = WindowDataset([rec], spec, [starts[:16]]).__getitems__(list(range(16)))
     with torch.no_grad():
-        out = reference(batch)
+        out = reference(batch.inputs)
     np.testing.assert_allclose(got["logits"], out.id_logits[:, :4].flatten().numpy(), rtol=1e-5, atol=1e-5)
-    assert got["id_ce"] == pytest.approx(float(reference.losses(out, batch)["id_ce"]), rel=1e-5)
+    assert got["id_ce"] == pytest.approx(float(reference.losses(out, batch.target_ids, batch.target_dts)["id_ce"]),
+                                         rel=1e-5)
 
     # Fine-tuning in another process, from the model the alias names on the server.
     finetune_root = tmp_path / "finetune"

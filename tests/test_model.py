@@ -38,13 +38,13 @@ def make_batch(b=3, n_cur=7, n_past=11, seed=0) -> Batch:
 
 def test_changing_a_future_token_never_changes_earlier_predictions():
     model, batch = make_model(), make_batch()
-    out = model(batch)
+    out = model(batch.inputs)
     for k in range(1, 6):
         ids = batch.ids.clone()
         ids[:, k] = (ids[:, k] - N_SPECIAL + 1) % (V - N_SPECIAL) + N_SPECIAL
         dts = batch.dts.clone()
         dts[:, k] = (dts[:, k] - N_SPECIAL + 3) % (DT - N_SPECIAL) + N_SPECIAL
-        changed = model(batch._replace(ids=ids, dts=dts))
+        changed = model(batch.inputs._replace(ids=ids, dts=dts))
         torch.testing.assert_close(changed.id_logits[:, :k], out.id_logits[:, :k], rtol=0, atol=1e-6)
         torch.testing.assert_close(changed.dt_logits[:, :k], out.dt_logits[:, :k], rtol=0, atol=1e-6)
         assert not torch.allclose(changed.id_logits[:, k], out.id_logits[:, k])  # the change is seen
@@ -52,34 +52,34 @@ def test_changing_a_future_token_never_changes_earlier_predictions():
 
 def test_padding_never_changes_outputs():
     model, batch = make_model(), make_batch(n_cur=5, n_past=9)
-    out = model(batch)
+    out = model(batch.inputs)
     # Garbage in PAD slots' dt tokens and a different amount of padding change nothing real.
     noisy_past_dts = torch.where(batch.past_ids == PAD, torch.randint_like(batch.past_dts, N_SPECIAL, DT), batch.past_dts)
-    changed = model(batch._replace(past_dts=noisy_past_dts))
+    changed = model(batch.inputs._replace(past_dts=noisy_past_dts))
     torch.testing.assert_close(changed.id_logits[:, :5], out.id_logits[:, :5], rtol=0, atol=1e-6)
-    shorter = model(batch._replace(ids=batch.ids[:, :6], dts=batch.dts[:, :6], past_ids=batch.past_ids[:, :9],
+    shorter = model(batch.inputs._replace(ids=batch.ids[:, :6], dts=batch.dts[:, :6], past_ids=batch.past_ids[:, :9],
                                    past_dts=batch.past_dts[:, :9]))
     torch.testing.assert_close(shorter.id_logits[:, :5], out.id_logits[:, :5], rtol=1e-5, atol=1e-5)
     # ...while a real past token does change the outputs.
     past = batch.past_ids.clone()
     past[:, 1] = (past[:, 1] - N_SPECIAL + 1) % (V - N_SPECIAL) + N_SPECIAL
-    assert not torch.allclose(model(batch._replace(past_ids=past)).id_logits[:, :5], out.id_logits[:, :5])
+    assert not torch.allclose(model(batch.inputs._replace(past_ids=past)).id_logits[:, :5], out.id_logits[:, :5])
 
 
 def test_every_modality_reaches_the_prediction():
     model, batch = make_model(), make_batch()
-    out = model(batch).id_logits
-    assert not torch.allclose(model(batch._replace(frames=batch.frames + 1)).id_logits, out)
-    assert not torch.allclose(model(batch._replace(behavior=batch.behavior + 1)).id_logits, out)
+    out = model(batch.inputs).id_logits
+    assert not torch.allclose(model(batch.inputs._replace(frames=batch.frames + 1)).id_logits, out)
+    assert not torch.allclose(model(batch.inputs._replace(behavior=batch.behavior + 1)).id_logits, out)
 
 
 def test_losses_and_contrastive_gradients():
     model, batch = make_model(), make_batch(b=4)
     model.train()
-    out = model(batch, contrastive=True)
+    out = model(batch.inputs, contrastive=True)
     assert out.neural.shape == out.stimulus.shape == out.behavior.shape == (4, 64)
     torch.testing.assert_close(out.neural.norm(dim=-1), torch.ones(4))
-    losses = model.losses(out, batch)
+    losses = model.losses(out, batch.target_ids, batch.target_dts)
     assert set(losses) == {"id_ce", "dt_ce", "contrastive"}
     # id_ce is the mean over non-PAD targets only.
     real = batch.target_ids != PAD
@@ -103,8 +103,8 @@ def test_attention_dropout_is_its_own_setting():
     batch = make_batch()
     for attn_dropout, random in ((0.0, False), (0.5, True)):
         model = make_model(attn_dropout=attn_dropout).train()
-        a, b = model(batch).id_logits, model(batch).id_logits
+        a, b = model(batch.inputs).id_logits, model(batch.inputs).id_logits
         assert torch.equal(a, b) is not random, attn_dropout
         assert all(block.self_attn.dropout == attn_dropout for block in model.blocks)
     model.eval()
-    assert torch.equal(model(batch).id_logits, model(batch).id_logits)
+    assert torch.equal(model(batch.inputs).id_logits, model(batch.inputs).id_logits)

@@ -3,58 +3,24 @@
 from __future__ import annotations
 
 import pickle
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+from pynwb import TimeSeries
 from pynwb.behavior import BehavioralTimeSeries, CompassDirection, Position, SpatialSeries
 from pynwb.ecephys import ElectricalSeries
-from pynwb.file import Subject
 from pynwb.image import ImageSeries, OpticalSeries
-from pynwb.misc import Units
 
 from neuroformer.data.nwb import read_nwb
 from neuroformer.errors import RecordingError
+from tests.corpus import MALFORMED, add_behavior, make_nwb, write
 
 REAL_FILE = Path(__file__).parent / "data" / "alm_guo2017_anm00239123.nwb"
-DEFAULT_SPIKES = [[0.5, 1.0, 2.0], [1.0, 1.5], []]  # unit ids 10, 11, 12; the last one silent
 
 # pynwb warns while writing the deliberately odd files below
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def make_nwb(spikes: list[list[float]] | None = DEFAULT_SPIKES) -> NWBFile:
-    """A valid session with two trials and units of the given spike times (None: no Units)."""
-    nwb = NWBFile(
-        session_description="synthetic session",
-        identifier="synth-1",
-        session_start_time=datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
-        experimenter=["A. Tester"],
-        lab="Test lab",
-        subject=Subject(subject_id="m1", species="Mus musculus", sex="F", age="P90D"),
-    )
-    if spikes == []:
-        nwb.units = Units(name="units")  # pynwb cannot infer column dtypes of an empty table
-    elif spikes:
-        nwb.add_unit_column("location", "brain area")
-        nwb.add_unit_column("waveform", "mean waveform")
-    for i, times in enumerate(spikes or []):
-        waveform = np.full(4, float(i))
-        nwb.add_unit(spike_times=times, location=f"area{i}", waveform=waveform, id=10 + i)
-    nwb.add_trial_column("type", "trial type")
-    nwb.add_trial(start_time=0.0, stop_time=1.0, type="lick left")
-    nwb.add_trial(start_time=1.0, stop_time=2.0, type="lick right")
-    return nwb
-
-
-def write(nwb: NWBFile, tmp_path: Path) -> Path:
-    path = tmp_path / "session.nwb"
-    with NWBHDF5IO(str(path), "w") as io:
-        io.write(nwb)
-    return path
 
 
 def movie(n: int = 5, h: int = 4, w: int = 3) -> np.ndarray:
@@ -74,13 +40,6 @@ def optical(name: str = "movie", **timing) -> OpticalSeries:
         orientation="up",
         **timing,
     )
-
-
-def add_behavior(nwb: NWBFile, data: np.ndarray, name: str = "speed", **timing) -> None:
-    """A 1-D or 2-D TimeSeries in a BehavioralTimeSeries of module 'behavior' (default 10 Hz)."""
-    module = nwb.processing.get("behavior") or nwb.create_processing_module("behavior", "b")
-    series = TimeSeries(name=name, data=data, unit="m/s", **(timing or {"rate": 10.0}))
-    module.add(BehavioralTimeSeries(time_series=[series]))
 
 
 # --- accepted files ------------------------------------------------------------------
@@ -261,7 +220,7 @@ def test_no_units_table(tmp_path: Path) -> None:
 
 
 def test_zero_units(tmp_path: Path) -> None:
-    with pytest.raises(RecordingError, match="units: the Units table has 0 units"):
+    with pytest.raises(RecordingError, match="units: the Units table has no units"):
         read_nwb(write(make_nwb(spikes=[]), tmp_path))
 
 
@@ -379,3 +338,42 @@ def test_all_nan_column_cannot_be_interpolated(tmp_path: Path) -> None:
     expected = "BehavioralTimeSeries/pupil/data: column 0 is all NaN"
     with pytest.raises(RecordingError, match=expected):
         read_nwb(write(nwb, tmp_path), behavior_nan="interpolate")
+
+
+# --- the malformed corpus (tests/corpus.py) and checked interval tables ---------------------
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_every_malformed_file_is_one_clear_error(case: str, tmp_path: Path) -> None:
+    broken = MALFORMED[case]
+    path = broken.make(tmp_path)
+    with pytest.raises(RecordingError, match=broken.message) as caught:
+        read_nwb(path)
+    assert str(caught.value).startswith(str(path))  # the file comes first, then the field
+
+
+def test_unsorted_trials_are_sorted_with_their_columns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    nwb = make_nwb()
+    nwb.add_trial(start_time=0.2, stop_time=0.4, type="early")  # inside trial 0 once sorted
+    path = write(nwb, tmp_path)
+    with pytest.raises(RecordingError, match=r"trials: trial 2 starts at 0\.2 s, before trial 0 ends at 1\.0 s"):
+        read_nwb(path)
+    nwb = make_nwb()
+    nwb.add_trial(start_time=-1.0, stop_time=-0.5, type="before")
+    with caplog.at_level("WARNING"):
+        trials = read_nwb(write(nwb, tmp_path, "unsorted.nwb")).trials
+    assert "not in time order; sorted" in caplog.text
+    np.testing.assert_array_equal(trials.start, [-1.0, 0.0, 1.0])
+    assert trials.columns["type"].tolist() == ["before", "lick left", "lick right"]
+
+
+def test_overlapping_epochs_are_allowed(tmp_path: Path) -> None:
+    nwb = make_nwb()
+    nwb.add_epoch(start_time=0.0, stop_time=2.0)
+    nwb.add_epoch(start_time=0.5, stop_time=1.0)  # nested epochs are common (a block inside a session)
+    assert len(read_nwb(write(nwb, tmp_path)).intervals["epochs"]) == 2
+
+
+def test_real_file_trials_pass_the_checks() -> None:
+    trials = read_nwb(REAL_FILE).trials
+    assert (trials.stop >= trials.start).all() and (trials.start[1:] >= trials.stop[:-1]).all()

@@ -261,9 +261,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                  "--quiet"]) == 0
     truth = load_ground_truth(out)
     assert truth.n_units == 6 and truth.receptive_fields.shape == (6, 32, 32)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(out), "--duration", "-1"])
-    assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert main(["--out", str(out), "--duration", "-1"]) == 2
+    assert capsys.readouterr().err == "error: simulation duration must be > 0, got -1.0\n"
 
 
 def test_load_ground_truth_rejects_a_real_recording() -> None:

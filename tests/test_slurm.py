@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 
 from neuroformer.distributed.slurm import SlurmJob
 from neuroformer.tasks.base import warmup_cosine
-from neuroformer.tracking import mlflow_server
+from neuroformer.registry.tracking import mlflow_server
 from neuroformer.training import train
 from tests.configs import CONF, compose
 from tests.unsafe import RunsCode

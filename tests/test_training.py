@@ -16,7 +16,8 @@ from neuroformer import registry
 from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.splits import window_starts
-from neuroformer.evaluate import EvaluationConfig, evaluate
+from neuroformer.evaluate import evaluate
+from neuroformer.inference.evaluation import EvaluationConfig
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 from neuroformer.training import train
 from tests.configs import EXPERIMENTS, compose
@@ -49,7 +50,7 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
 
     # The registered model, loaded by alias, is the best checkpoint's model.
     mlflow.set_tracking_uri(metrics["mlflow_tracking_uri"])
-    loaded = registry.load_model("models:/nf-test@champion")
+    loaded = registry.load("models:/nf-test@champion")
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     reference = Neuroformer(NeuroformerConfig(**ckpt["neuroformer"]["model_config"])).eval()
     reference.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()})
@@ -61,8 +62,8 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
                            tok.past_window, tok.window)
     batch = WindowDataset([rec], loaded.spec, [starts[:8]]).__getitems__(list(range(8)))
     with torch.no_grad():
-        expected = reference(batch)
-        got = loaded.model(batch)
+        expected = reference(batch.inputs)
+        got = loaded.model(batch.inputs)
     torch.testing.assert_close(got.id_logits, expected.id_logits, rtol=0, atol=0)
 
     # The run evaluated that model's generations: files in the run folder, the same in its MLflow run,
@@ -70,7 +71,7 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
     evaluation = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert evaluation["model"] == "models:/nf-test/1"
     assert {"raster.png", "rate_calibration.png", "psth.png", "connectivity.png"} <= set(evaluation["plots"])
-    again = evaluate(loaded, rec, tmp_path / "again", EvaluationConfig(**cfg.evaluate))["metrics"]
+    again = evaluate(loaded, tmp_path / "again", EvaluationConfig(**cfg.evaluate), rec)["metrics"]
     for key in ("bits_per_spike", "spike_f1", "psth_r_median", "connectivity_auroc"):
         assert np.isfinite(again[key]) and evaluation["metrics"][key] == pytest.approx(again[key], rel=1e-6), key
     run = mlflow.get_run(metrics["mlflow_run_id"])
@@ -95,3 +96,20 @@ def test_command_line_sweep_runs_every_job(small_sim_path, tmp_path):
     layers = sorted(int(yaml.safe_load((r.parent / ".hydra" / "overrides.yaml").read_text())[1].split("=")[1])
                     for r in results)
     assert layers == [1, 2]
+
+
+def test_logger_none_runs_and_a_log_file_shows_progress(small_sim_path, tmp_path, caplog):
+    """``logger=none`` leaves out the callbacks that need a logger; with the output not a terminal
+    (as under pytest, SLURM or ``> log``) training writes plain progress lines."""
+    cfg = compose(["logger=none", *TINY_MODEL, "trainer.max_epochs=1", "+trainer.limit_train_batches=6",
+                   "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "evaluate=null",
+                   "callbacks.progress_log.every_n_steps=2"], tmp_path, sim_path=small_sim_path)
+    with caplog.at_level("INFO", logger="neuroformer"):
+        value = train(cfg)
+    assert np.isfinite(value)
+    lines = [r.getMessage() for r in caplog.records if r.name == "neuroformer.progress"]
+    progress = [line for line in lines if line.startswith("epoch 1/1")]
+    assert [line.split()[3] for line in progress] == ["2/6", "4/6", "6/6"], lines
+    assert all("windows/s" in line and "train/loss" in line for line in progress)
+    assert "left 0s" in progress[-1]
+    assert any(line.startswith("validation after step 6: ") and "val/id_ce" in line for line in lines), lines

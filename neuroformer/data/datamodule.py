@@ -16,13 +16,17 @@ from neuroformer.data.dataset import InputSpec, WindowDataset, already_batched
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import SimulationConfig, simulate_recording
+from neuroformer.data.source import DataSource
 from neuroformer.data.splits import SPLITS, SplitSpec, window_starts
 from neuroformer.data.targets import BehaviorTarget
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.data.vocabulary import UnitVocabulary
-from neuroformer.errors import RecordingError
+from neuroformer.errors import ConfigError, RecordingError
 
 log = logging.getLogger(__name__)
+
+AUTO = "auto"
+AUTO_FRAMES = 4  # frames per window (200 ms at 20 Hz) under data.n_frames=auto
 
 
 def simulated_path(cache_dir: str | Path, config: SimulationConfig) -> Path:
@@ -52,10 +56,15 @@ class NWBDataModule(L.LightningDataModule):
         cache_dir: where simulated recordings are cached.
         tokenizer: spike tokenisation (windows, resolution, sequence lengths).
         split: the time-block split (see ``neuroformer.data.splits``).
-        n_frames: stimulus frames per window; 0 trains without the stimulus.
+        n_frames: stimulus frames per window: "auto" (4 frames when the recording has a
+            stimulus, none when it has none), an integer > 0 (a recording without a stimulus
+            is refused), or 0 (the stimulus is not used).
         behavior: behaviour variables fed to the model (names in the files).
         behavior_steps: behaviour samples per window.
         behavior_nan: NaN policy for behaviour: "refuse", "interpolate" or "mask".
+        behavior_max_gap: behaviour samples further apart than this many seconds leave a gap:
+            windows there get no behaviour input and no behaviour label (None: ten sampling
+            intervals; see ``TimeSeries.covered``).
         stimulus: name of the stimulus series when a file has several.
         restrict_to: an interval table (e.g. "trials") that windows must lie inside.
         train_stride: spacing of training windows in seconds (default: the window length).
@@ -76,10 +85,11 @@ class NWBDataModule(L.LightningDataModule):
         cache_dir: str = "data_cache",
         tokenizer: SpikeTokenizer | None = None,
         split: SplitSpec | None = None,
-        n_frames: int = 4,
+        n_frames: int | str = "auto",
         behavior: list[str] | None = None,
         behavior_steps: int = 8,
         behavior_nan: str = "refuse",
+        behavior_max_gap: float | None = None,
         stimulus: str | None = None,
         restrict_to: str | None = None,
         train_stride: float | None = None,
@@ -100,10 +110,13 @@ class NWBDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer or SpikeTokenizer()
         self.split = split or SplitSpec()
         self.n_frames, self.behavior_names, self.behavior_steps = n_frames, list(behavior or []), behavior_steps
+        if not (n_frames == AUTO or (isinstance(n_frames, int) and n_frames >= 0)):
+            raise ConfigError(f"data.n_frames must be {AUTO!r} or a whole number >= 0; got {n_frames!r}")
         self.behavior_nan, self.stimulus_name, self.restrict_to = behavior_nan, stimulus, restrict_to
+        self.behavior_max_gap = behavior_max_gap
         self.train_stride = train_stride or self.tokenizer.window
         if not 0 < train_fraction <= 1:
-            raise ValueError(f"train_fraction must be in (0, 1]; got {train_fraction}")
+            raise ConfigError(f"data.train_fraction must be in (0, 1]; got {train_fraction}")
         self.train_fraction = train_fraction
         self.batch_size, self.num_workers = batch_size, num_workers
         self.base_vocab = vocab or UnitVocabulary()
@@ -128,7 +141,8 @@ class NWBDataModule(L.LightningDataModule):
             return
         self.prepare_data()
         self.recordings = [
-            read_nwb(p, behavior_nan=self.behavior_nan, stimulus=self.stimulus_name) for p in self.files
+            read_nwb(p, behavior_nan=self.behavior_nan, stimulus=self.stimulus_name,
+                     behavior_max_gap=self.behavior_max_gap) for p in self.files
         ]
         starts = {s: [self._starts(rec, s) for rec in self.recordings] for s in SPLITS}
         if self.train_fraction < 1:
@@ -144,6 +158,27 @@ class NWBDataModule(L.LightningDataModule):
         self.spec = self._spec(starts["train"])
         self.datasets = {s: WindowDataset(self.recordings, self.spec, starts[s]) for s in SPLITS}
         log.info("Windows: " + ", ".join(f"{s} {len(d)}" for s, d in self.datasets.items()))
+        if self.spec.target is not None:
+            self._check_labels()
+
+    def _check_labels(self) -> None:
+        """Log how many windows of each split carry a label; refuse a split with none."""
+        target, window = self.spec.target, self.tokenizer.window
+        counts = {}
+        for s, dataset in self.datasets.items():
+            labels = [target.raw(rec, dataset.t0[dataset.session == i], window) for i, rec in enumerate(self.recordings)]
+            counts[s] = int(sum(target.labelled(v).sum() for v in labels))
+        log.info("Windows with a %s label (%s): %s", target.kind, ", ".join(target.names),
+                 ", ".join(f"{s} {counts[s]} of {len(self.datasets[s])}" for s in SPLITS))
+        empty = [s for s in SPLITS if counts[s] == 0]
+        if empty:
+            field = f"intervals/trials/{target.names[0]}" if target.kind == "classification" else \
+                f"behavior/{target.names[0]}"
+            raise RecordingError(
+                self.files[0], field,
+                f"no {' or '.join(empty)} window carries a label (the behaviour is not recorded, or no trial of "
+                f"class {target.classes} lies, in the held-out time blocks); change the split (data.split.seed, "
+                "data.split.n_blocks) so that labelled time falls in every split, or data.behavior_max_gap")
 
     def _starts(self, rec: Recording, split: str) -> np.ndarray:
         restrict = None
@@ -163,26 +198,38 @@ class NWBDataModule(L.LightningDataModule):
         """The input spec, with normalisation statistics from training windows only."""
         vocab = self.base_vocab.extend(n for rec in self.recordings for n in rec.units.names)
         target = self.target.fit(self.recordings, train_starts, self.tokenizer.window) if self.target else None
+        source = DataSource(files=tuple(str(f.resolve()) for f in self.files), behavior_nan=self.behavior_nan,
+                            stimulus=self.stimulus_name, restrict_to=self.restrict_to,
+                            behavior_max_gap=self.behavior_max_gap)
         if self.reference is not None:  # the trained model's normalisation, not this data's
-            return replace(self.reference, vocab=vocab, target=target)
+            return replace(self.reference, vocab=vocab, target=target, source=source, split=self.split)
         spec = InputSpec(tokenizer=self.tokenizer, vocab=vocab, behavior=self.behavior_names,
-                         behavior_steps=self.behavior_steps if self.behavior_names else 0, target=target)
+                         behavior_steps=self.behavior_steps if self.behavior_names else 0, target=target,
+                         source=source, split=self.split)
         rec, t0 = self.recordings[0], train_starts[0]
-        if self.n_frames:
+        n_frames = self.n_frames
+        if n_frames == AUTO:
+            n_frames = AUTO_FRAMES if rec.stimulus is not None else 0
+            log.info("Stimulus: %s", f"{n_frames} frames of {rec.stimulus.name!r} per window" if n_frames
+                     else "none in the recording; training on spikes (and behaviour) alone")
+        if n_frames:
             if rec.stimulus is None:
-                raise RecordingError(rec.path, "stimulus", "no stimulus frames found; set data.n_frames=0 "
-                                     "to train on spikes (and behaviour) alone")
+                raise RecordingError(rec.path, "stimulus", f"no stimulus frames found, but data.n_frames={n_frames}; "
+                                     "set data.n_frames=0 (or auto) to train on spikes (and behaviour) alone")
             idx = np.unique(np.clip(rec.stimulus.index_at(t0[:: max(1, len(t0) // 256)]), 0, None))
             frames = np.stack([rec.stimulus.read(i, i + 1)[0] for i in idx])
-            spec.n_frames, spec.frame_shape = self.n_frames, tuple(rec.stimulus.frame_shape)
+            spec.n_frames, spec.frame_shape = n_frames, tuple(rec.stimulus.frame_shape)
             spec.frame_mean, spec.frame_std = float(frames.mean()), float(frames.std() + 1e-6)
         for name in self.behavior_names:
             if name not in rec.behavior:
                 raise RecordingError(rec.path, f"behavior/{name}", f"not found; the file has {sorted(rec.behavior)}")
             values = np.concatenate([r.behavior[name].at(t) for r, t in zip(self.recordings, train_starts)])
+            if np.isnan(values).all():
+                raise RecordingError(rec.path, f"behavior/{name}", "no value at any training window; the series "
+                                     "does not cover the training blocks (see data.behavior_max_gap)")
             spec.behavior_dims.append(rec.behavior[name].dim)
-            spec.behavior_mean += values.mean(0).tolist()
-            spec.behavior_std += (values.std(0) + 1e-6).tolist()
+            spec.behavior_mean += np.nanmean(values, axis=0).tolist()
+            spec.behavior_std += (np.nanstd(values, axis=0) + 1e-6).tolist()
         return spec
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

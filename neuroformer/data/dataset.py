@@ -8,17 +8,22 @@ builds whole batches at once (``__getitems__``), so tokenisation is vectorised o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from neuroformer.data.recording import Recording
+from neuroformer.data.source import DataSource
+from neuroformer.data.splits import SplitSpec
 from neuroformer.data.targets import BehaviorTarget
 from neuroformer.data.tokenizer import EOS, PAD, SpikeTokenizer
 from neuroformer.data.vocabulary import UnitVocabulary
 from neuroformer.errors import ModelMismatchError
+from neuroformer.models.neuroformer import NeuroformerInput
 
 
 class Batch(NamedTuple):
@@ -51,6 +56,15 @@ class Batch(NamedTuple):
     session: torch.Tensor
     target_behavior: torch.Tensor | None = None
 
+    @property
+    def inputs(self) -> NeuroformerInput:
+        """What the model may read: tokens and context, no target."""
+        return NeuroformerInput(self.ids, self.dts, self.past_ids, self.past_dts, self.frames, self.behavior)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with every tensor on ``device``."""
+        return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in self))
+
 
 @dataclass
 class InputSpec:
@@ -67,6 +81,8 @@ class InputSpec:
         behavior_steps: samples per window, evenly spread over past + current window.
         behavior_mean, behavior_std: (V,) per-channel normalisation, V = sum(behavior_dims).
         target: what each window is labelled with for fine-tuning (not an input), or None.
+        source: the recordings the model was trained on and how they were read.
+        split: the time-block split of those recordings (so "the test block" is never guessed).
     """
 
     tokenizer: SpikeTokenizer
@@ -81,6 +97,8 @@ class InputSpec:
     behavior_mean: list[float] = field(default_factory=list)
     behavior_std: list[float] = field(default_factory=list)
     target: BehaviorTarget | None = None
+    source: DataSource = field(default_factory=DataSource)
+    split: SplitSpec = field(default_factory=SplitSpec)
 
     def __post_init__(self) -> None:
         if self.target is not None and self.target.kind == "regression":
@@ -109,6 +127,8 @@ class InputSpec:
             "behavior_mean": list(self.behavior_mean),
             "behavior_std": list(self.behavior_std),
             "target": self.target.to_dict() if self.target else None,
+            "source": self.source.to_dict(),
+            "split": asdict(self.split),
         }
 
     @classmethod
@@ -118,6 +138,8 @@ class InputSpec:
         d["vocab"] = UnitVocabulary.from_dict(d["vocab"])
         d["frame_shape"] = tuple(d["frame_shape"]) if d.get("frame_shape") else None
         d["target"] = BehaviorTarget.from_dict(d["target"]) if d.get("target") else None
+        d["source"] = DataSource.from_dict(d.get("source"))
+        d["split"] = SplitSpec(**d.get("split", {}))
         return cls(**d)
 
     def check_recording(self, rec: Recording) -> None:
@@ -248,3 +270,9 @@ class WindowDataset(torch.utils.data.Dataset):
 def already_batched(batch: Batch) -> Batch:
     """DataLoader ``collate_fn`` for datasets whose ``__getitems__`` returns a Batch."""
     return batch
+
+
+def batches(dataset: WindowDataset, batch_size: int, device: torch.device | str | None = None) -> Iterator[Batch]:
+    """The dataset's windows in order, ``batch_size`` at a time, on ``device``."""
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=already_batched):
+        yield batch.to(device) if device is not None else batch

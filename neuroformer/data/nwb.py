@@ -10,6 +10,7 @@ the stimulus frames, which stay on disk (:class:`FrameSeries` reads them lazily)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,9 @@ from pynwb.ophys import (
 )
 
 from neuroformer.data.recording import FrameSeries, Intervals, Recording, TimeSeries, Units
-from neuroformer.errors import RecordingError
+from neuroformer.errors import ConfigError, RecordingError
+
+log = logging.getLogger(__name__)
 
 BEHAVIOR_NAN_POLICIES = ("refuse", "interpolate", "mask")
 
@@ -74,6 +77,7 @@ def read_nwb(
     behavior_nan: str = "refuse",
     stimulus: str | None = None,
     behavior: list[str] | None = None,
+    behavior_max_gap: float | None = None,
 ) -> Recording:
     """Read one NWB 2.x session.
 
@@ -85,13 +89,15 @@ def read_nwb(
             (interpolate, and ``valid`` is False at those samples).
         stimulus: name of the image series to use as stimulus when there are several.
         behavior: names of the behaviour series to keep (default: all found).
+        behavior_max_gap: behaviour samples further apart than this many seconds leave a gap
+            with no value (default: ten sampling intervals); see ``TimeSeries.covered``.
 
     Raises:
-        ValueError: ``behavior_nan`` is not one of :data:`BEHAVIOR_NAN_POLICIES`.
+        ConfigError: ``behavior_nan`` is not one of :data:`BEHAVIOR_NAN_POLICIES`.
         RecordingError: the file cannot be used as it is.
     """
     if behavior_nan not in BEHAVIOR_NAN_POLICIES:
-        raise ValueError(f"behavior_nan={behavior_nan!r}; expected one of {BEHAVIOR_NAN_POLICIES}")
+        raise ConfigError(f"data.behavior_nan={behavior_nan!r}; expected one of {BEHAVIOR_NAN_POLICIES}")
     path = Path(path)
     nwb_version = _check_nwb_file(path)
     with _open_nwb(path) as nwb:
@@ -101,11 +107,11 @@ def read_nwb(
         with _reading(path, "stimulus"):
             frames = _read_stimulus(nwb, path, stimulus)
         with _reading(path, "behavior"):
-            behaviour = _read_behavior(nwb, path, behavior, behavior_nan)
+            behaviour = _read_behavior(nwb, path, behavior, behavior_nan, behavior_max_gap)
         with _reading(path, "trials"):
-            trials = _read_intervals(nwb.trials) if nwb.trials is not None else None
+            trials = _read_intervals(nwb.trials, path, "trials") if nwb.trials is not None else None
         with _reading(path, "intervals"):
-            intervals = {name: _read_intervals(t) for name, t in _interval_tables(nwb).items()}
+            intervals = {name: _read_intervals(t, path, name) for name, t in _interval_tables(nwb).items()}
         with _reading(path, "metadata"):
             metadata = _metadata(nwb, nwb_version)
     start, stop = _span(units, frames, behaviour)
@@ -140,6 +146,8 @@ def _check_nwb_file(path: Path) -> str:
             neurodata_type = _text(f.attrs.get("neurodata_type", ""))
             version = _text(f.attrs.get("nwb_version", ""))
             nwb1 = "nwb_version" in f  # NWB 1.x kept its version in a root dataset
+            if not nwb1 and "units" in f:
+                _check_units_layout(f["units"], path)
     except OSError as err:
         raise RecordingError(path, "file", f"cannot be opened as HDF5 ({err}); {expected}") from err
     if nwb1:
@@ -152,6 +160,34 @@ def _check_nwb_file(path: Path) -> str:
             "at the root); expected an NWB 2.x file",
         )
     return version
+
+
+def _check_units_layout(units: h5py.Group, path: Path) -> None:
+    """Refuse a Units table pynwb would fail on with a message about its own internals.
+
+    Checked on the raw HDF5 datasets: a table without rows, and a ``spike_times_index`` (the
+    end offset of each unit's spikes in ``spike_times``) that is not one non-decreasing
+    offset per unit within ``spike_times``.
+    """
+    if "id" in units and len(units["id"]) == 0:
+        raise RecordingError(path, "units", f"the Units table has no units; {_SPIKES_EXPECTED}")
+    if "spike_times_index" not in units or "spike_times" not in units:
+        return
+    index, n_spikes = units["spike_times_index"][()], len(units["spike_times"])
+    n_units = len(units["id"]) if "id" in units else len(index)
+    if len(index) != n_units:
+        raise RecordingError(path, "units/spike_times_index",
+                             f"{len(index)} entries for {n_units} units; expected one end offset per unit")
+    beyond = np.flatnonzero(index > n_spikes)
+    if len(beyond):
+        row = int(beyond[0])
+        raise RecordingError(path, "units/spike_times_index", f"points past the end of spike_times (row {row}: "
+                             f"index {int(index[row])} > {n_spikes} spikes)")
+    back = np.flatnonzero(np.diff(index) < 0)
+    if len(back):
+        row = int(back[0]) + 1
+        raise RecordingError(path, "units/spike_times_index", f"row {row}: index {int(index[row])} is below row "
+                             f"{row - 1}'s {int(index[row - 1])}; expected non-decreasing end offsets")
 
 
 @contextmanager
@@ -313,13 +349,38 @@ def _plain_array(values: Any) -> np.ndarray | None:
     return array
 
 
-def _read_intervals(table: DynamicTable) -> Intervals:
-    """An interval table (trials, epochs...) with its plain columns."""
-    return Intervals(
+def _read_intervals(table: DynamicTable, path: Path, name: str) -> Intervals:
+    """An interval table (trials, epochs...) with its plain columns, checked.
+
+    Refused, naming the table and row: a NaN or infinite bound, a stop before its start, and
+    for trials, a trial that starts before the previous one ends (overlapping trials). Rows
+    out of time order are sorted by start time with a logged warning (harmless: every row
+    keeps its columns).
+    """
+    intervals = Intervals(
         start=np.asarray(table["start_time"].data[:], dtype=np.float64),
         stop=np.asarray(table["stop_time"].data[:], dtype=np.float64),
         columns=_table_columns(table, exclude={"start_time", "stop_time"}),
     )
+    field = name if name == "trials" else f"intervals/{name}"
+    start, stop = intervals.start, intervals.stop
+    for bad, problem in ((~np.isfinite(start), "start_time is {start}"), (~np.isfinite(stop), "stop_time is {stop}"),
+                         (stop < start, "stop_time {stop} s is before start_time {start} s")):
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise RecordingError(path, field, f"row {row}: " + problem.format(start=start[row], stop=stop[row])
+                                 + "; expected finite times with start_time <= stop_time")
+    order = np.argsort(start, kind="stable")
+    if (np.diff(start) < 0).any():
+        log.warning("%s: %s: rows are not in time order; sorted by start_time", path, field)
+        intervals = Intervals(start[order], stop[order], {k: v[order] for k, v in intervals.columns.items()})
+    if name == "trials":
+        overlap = np.flatnonzero(intervals.start[1:] < intervals.stop[:-1])
+        if len(overlap):
+            k = int(overlap[0])
+            raise RecordingError(path, field, f"trial {order[k + 1]} starts at {intervals.start[k + 1]} s, before "
+                                 f"trial {order[k]} ends at {intervals.stop[k]} s; expected trials that do not overlap")
+    return intervals
 
 
 def _interval_tables(nwb: NWBFile) -> dict[str, DynamicTable]:
@@ -398,7 +459,7 @@ def _frame_series(series: ImageSeries, field: str, path: Path) -> FrameSeries:
 
 
 def _read_behavior(
-    nwb: NWBFile, path: Path, keep: list[str] | None, policy: str
+    nwb: NWBFile, path: Path, keep: list[str] | None, policy: str, max_gap: float | None
 ) -> dict[str, TimeSeries]:
     """Behaviour variables by name, only those in ``keep`` when given."""
     found = _unique_names(_behavior_series(nwb))
@@ -410,7 +471,7 @@ def _read_behavior(
             raise RecordingError(path, "behavior", problem)
         found = {name: found[name] for name in keep}
     return {
-        name: _time_series(name, series, field, path, policy)
+        name: _time_series(name, series, field, path, policy, max_gap)
         for name, (field, series) in found.items()
     }
 
@@ -473,7 +534,7 @@ def _unique_names(located: list[Located]) -> dict[str, tuple[str, NWBTimeSeries]
 
 
 def _time_series(
-    name: str, series: NWBTimeSeries, field: str, path: Path, policy: str
+    name: str, series: NWBTimeSeries, field: str, path: Path, policy: str, max_gap: float | None
 ) -> TimeSeries:
     """One behaviour variable as (n, d) float32 in physical units, NaN handled by ``policy``."""
     raw = np.asarray(series.data[:], dtype=np.float64)
@@ -487,6 +548,7 @@ def _time_series(
         data=values.astype(np.float32),
         unit=series.unit or "",
         valid=valid,
+        max_gap=max_gap,
     )
 
 

@@ -95,7 +95,7 @@ class FrameSeries:
 
 @dataclass(frozen=True)
 class TimeSeries:
-    """A behaviour variable sampled at known times.
+    """A behaviour variable sampled at known times, possibly only over part of the session.
 
     Attributes:
         name: the series' name (``"running_speed"``, ``"position"``...).
@@ -103,6 +103,8 @@ class TimeSeries:
         data: (n, d) float32 values; ``d`` is 1 for a scalar variable.
         unit: physical unit from the file, if any.
         valid: (n,) bool, False where the file had NaN and the policy was ``mask``.
+        max_gap: samples further apart than this (seconds) leave a gap without values; None:
+            ten times the median sampling interval.
     """
 
     name: str
@@ -110,16 +112,45 @@ class TimeSeries:
     data: np.ndarray
     unit: str = ""
     valid: np.ndarray | None = None
+    max_gap: float | None = None
 
     @property
     def dim(self) -> int:
         return int(self.data.shape[1])
 
+    @property
+    def sampling_interval(self) -> float:
+        """Median time between samples, seconds (inf for a single sample)."""
+        return float(np.median(np.diff(self.timestamps))) if len(self.timestamps) > 1 else float("inf")
+
+    def covered(self, times: np.ndarray) -> np.ndarray:
+        """(len(times),) bool: True where the series has a value.
+
+        A time is covered when it lies between two consecutive valid samples no more than
+        ``max_gap`` apart, or within one sampling interval after the last valid sample (the
+        last sample stands for its own interval). Before the first sample, after the last one
+        and inside longer gaps (e.g. tracking paused during sleep) there is no value.
+        """
+        times = np.asarray(times, dtype=np.float64)
+        keep = self.valid if self.valid is not None else np.ones(len(self.timestamps), bool)
+        t = self.timestamps[keep]
+        if not len(t):
+            return np.zeros(len(times), bool)
+        step = self.sampling_interval
+        max_gap = self.max_gap if self.max_gap is not None else 10 * step
+        k = np.searchsorted(t, times, side="right") - 1  # last valid sample at or before each time
+        after = t[np.minimum(k + 1, len(t) - 1)]
+        inside = (k >= 0) & (k + 1 < len(t)) & (after - t[np.maximum(k, 0)] <= max_gap)
+        on_last = (k == len(t) - 1) & (times <= t[-1] + min(step, max_gap))
+        return inside | on_last
+
     def at(self, times: np.ndarray) -> np.ndarray:
-        """(len(times), d) values linearly interpolated at ``times`` (held at the ends)."""
-        return np.stack(
+        """(len(times), d) values linearly interpolated at ``times``; NaN where not ``covered``."""
+        values = np.stack(
             [np.interp(times, self.timestamps, self.data[:, k]) for k in range(self.dim)], axis=-1
         ).astype(np.float32)
+        values[~self.covered(times)] = np.nan
+        return values
 
 
 @dataclass(frozen=True)
@@ -138,6 +169,20 @@ class Intervals:
 
     def __len__(self) -> int:
         return len(self.start)
+
+    def containing(self, times: np.ndarray) -> np.ndarray:
+        """(n,) row of the interval with ``start <= t < stop`` for each time, -1 where there is none.
+
+        Where intervals overlap, the one that started last is asked; that is exact for
+        intervals that do not overlap or that end in the order they start (windows of one length).
+        """
+        times = np.asarray(times, dtype=np.float64)
+        if not len(self):
+            return np.full(len(times), -1, dtype=np.int64)
+        order = np.argsort(self.start, kind="stable")
+        k = np.searchsorted(self.start[order], times, side="right") - 1
+        row = order[np.maximum(k, 0)]
+        return np.where((k >= 0) & (times < self.stop[row]), row, -1)
 
 
 @dataclass

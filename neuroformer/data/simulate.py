@@ -29,11 +29,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import time
-import uuid
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -52,12 +49,14 @@ from scipy.signal import lfilter
 
 from neuroformer import cli
 from neuroformer.cli import option
-from neuroformer.errors import RecordingError
+from neuroformer.errors import ConfigError, RecordingError
+from neuroformer.files import atomic_path
 
 CELL_TYPES = ("ON", "OFF", "DS", "untuned")
 GRATING_DIRECTIONS = np.arange(0.0, 360.0, 45.0)  # degrees; 0 = rightward, 90 = upward
 SPEED_REF = 20.0  # cm/s: speed_gain is the log-rate change per SPEED_REF of running
 SESSION_START = datetime(2024, 1, 15, 9, 0, 0, tzinfo=timezone.utc)
+CONFIG_NOTE = "neuroformer.data.simulate config: "  # the NWB file's notes: this, then the config as JSON
 
 
 
@@ -93,15 +92,15 @@ class SimulationConfig:
                     "max_rate", "syn_tau", "behavior_rate", "clip_duration", "block_min")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"simulation {name} must be > 0, got {getattr(self, name)}")
         if self.frac_on + self.frac_off + self.frac_ds > 1 + 1e-9:
-            raise ValueError("frac_on + frac_off + frac_ds must be at most 1")
+            raise ConfigError("simulation frac_on + frac_off + frac_ds must be at most 1")
         if self.block_max < self.block_min:
-            raise ValueError("block_max must be >= block_min")
+            raise ConfigError("simulation block_max must be >= block_min")
         if self.dt * self.max_rate >= 1 or self.dt > 0.5 / self.frame_rate:
-            raise ValueError("dt too coarse for max_rate or frame_rate")
+            raise ConfigError("simulation dt is too coarse for max_rate or frame_rate (need dt * max_rate < 1, dt <= 0.5 / frame_rate)")
         if self.n_clips < 1:
-            raise ValueError("n_clips must be >= 1")
+            raise ConfigError("simulation n_clips must be >= 1")
 
     def identifier(self) -> str:
         """Deterministic file identifier: seed plus a hash of the whole config."""
@@ -168,7 +167,7 @@ class Simulation:
 
 
 @dataclass
-class _Population:
+class Population:
     """Model parameters: the ground truth plus what is needed to run it.
 
     Attributes:
@@ -279,7 +278,7 @@ def _make_speed(rng: np.random.Generator, cfg: SimulationConfig, n: int) -> np.n
     return speed
 
 
-def _stimulus_drive(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
+def stimulus_drive(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
     """(n_frames, N) float64 filter output per frame; frames before the first are grey."""
     n_frames = len(frames)
     x = (frames.reshape(n_frames, -1).astype(np.float32) - 128.0) / 128.0
@@ -293,7 +292,7 @@ def _stimulus_drive(frames: np.ndarray, filters: np.ndarray) -> np.ndarray:
 
 
 def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
-                     cfg: SimulationConfig) -> _Population:
+                     cfg: SimulationConfig) -> Population:
     """Draw cell types, filters, gains and synapses, then calibrate the rates.
 
     Filters are scaled so the stimulus drive has a per-unit std of 1.2-1.6 (log-rate), and
@@ -357,7 +356,7 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
     # Calibrate on a reference session (120 s of stimulus and running).
     ref_frames, _ = _make_stimulus(calib_rng, cfg, round(120 * fr))
     ref_speed = _make_speed(calib_rng, cfg, round(120 * cfg.behavior_rate))
-    drive = _stimulus_drive(ref_frames, filters)
+    drive = stimulus_drive(ref_frames, filters)
     sd = drive.std(axis=0)
     gain = np.divide(drive_std, sd, out=np.zeros(n), where=sd > 0)  # untuned units stay 0
     filters *= gain.astype(np.float32)
@@ -377,13 +376,13 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
         speed_gain=speed_gain,
         baseline_rate=np.exp(log_baseline),
     )
-    return _Population(truth, filters, log_baseline)
+    return Population(truth, filters, log_baseline)
 
 
 # --------------------------------------------------------------------------- spiking
 
 
-def _refractory_table(dt: float) -> np.ndarray:
+def refractory_table(dt: float) -> np.ndarray:
     """(L + 1,) log-rate term indexed by bins since the last spike (L = recovered).
 
     No spike within 2 ms, then a relative refractory period recovering with tau 4 ms.
@@ -395,13 +394,13 @@ def _refractory_table(dt: float) -> np.ndarray:
 
 
 def _progress(chunks: range, enabled: bool) -> Iterable[int]:
-    """``chunks`` wrapped in a tqdm bar (or a plain stderr percentage) if enabled."""
+    """``chunks`` wrapped in a tqdm bar on a terminal, else plain stderr percentages, if enabled."""
     if not enabled:
         return chunks
-    try:
-        from tqdm import tqdm
-    except ImportError:
+    if not sys.stderr.isatty():  # a log file: lines, not a redrawn bar
         return _plain_progress(chunks)
+    from tqdm import tqdm
+
     return tqdm(chunks, desc="simulating", unit="s", leave=False)
 
 
@@ -413,7 +412,25 @@ def _plain_progress(chunks: range) -> Iterator[int]:
         yield chunk
 
 
-def _run_network(rng: np.random.Generator, pop: _Population, drive: np.ndarray,
+def external_drive(pop: Population, drive: np.ndarray, speed: np.ndarray, cfg: SimulationConfig,
+                   bins: np.ndarray) -> np.ndarray:
+    """(len(bins), N) log-rate from baseline, stimulus and running in simulation bins ``bins``.
+
+    Everything but the synaptic input and refractoriness, evaluated at each bin's centre.
+
+    Args:
+        drive: (n_frames, N) stimulus drive per frame (``stimulus_drive``).
+        speed: (n_samples,) running speed at ``cfg.behavior_rate``.
+        bins: (n,) int indices of ``cfg.dt`` bins from time 0.
+    """
+    centre = (bins + 0.5) * cfg.dt
+    frame = np.minimum((centre * cfg.frame_rate).astype(np.int64), len(drive) - 1)
+    speed_times = np.arange(len(speed)) / cfg.behavior_rate
+    return (pop.log_baseline + drive[frame]
+            + np.outer(np.interp(centre, speed_times, speed) / SPEED_REF, pop.truth.speed_gain))
+
+
+def _run_network(rng: np.random.Generator, pop: Population, drive: np.ndarray,
                  speed: np.ndarray, cfg: SimulationConfig, progress: bool) -> list[np.ndarray]:
     """Simulate the coupled Bernoulli GLM bin by bin; returns per-unit spike times.
 
@@ -425,21 +442,16 @@ def _run_network(rng: np.random.Generator, pop: _Population, drive: np.ndarray,
     n_bins = round(cfg.duration / dt)
     weights = pop.truth.connectivity
     decay = math.exp(-dt / cfg.syn_tau)
-    history = _refractory_table(dt)
+    history = refractory_table(dt)
     recovered = len(history) - 1
     since = np.full(n, recovered)  # bins since each unit's last spike, capped
     syn = np.zeros(n)  # synaptic input to each unit (log-rate)
     log_max = math.log(cfg.max_rate)
-    speed_times = np.arange(len(speed)) / cfg.behavior_rate
     chunk = round(1.0 / dt)  # one second of bins per vectorised chunk
     all_bins, all_units, all_offsets = [], [], []
     for start in _progress(range(0, n_bins, chunk), progress):
         bins = np.arange(start, min(start + chunk, n_bins))
-        centre = (bins + 0.5) * dt
-        frame = np.minimum((centre * cfg.frame_rate).astype(np.int64), len(drive) - 1)
-        external = (pop.log_baseline + drive[frame]
-                    + np.outer(np.interp(centre, speed_times, speed) / SPEED_REF,
-                               pop.truth.speed_gain))
+        external = external_drive(pop, drive, speed, cfg, bins)
         # Spike iff min(rate, max_rate) * dt > Exp(1), i.e. with p = 1 - exp(-rate dt):
         # comparing log-rates to log thresholds keeps the loop free of exp().
         threshold = np.log(rng.standard_exponential((len(bins), n)) / dt)
@@ -465,17 +477,47 @@ def _run_network(rng: np.random.Generator, pop: _Population, drive: np.ndarray,
     return np.split(times[order], np.cumsum(np.bincount(units, minlength=n))[:-1])
 
 
-def simulate(config: SimulationConfig = SimulationConfig(), progress: bool = False) -> Simulation:
-    """Simulate a session in memory (see :func:`simulate_recording` to write it)."""
-    pop_ss, calib_ss, stim_ss, behav_ss, spike_ss = np.random.SeedSequence(config.seed).spawn(5)
+@dataclass
+class SessionInputs:
+    """Everything that generated a session except the spikes' random draws.
+
+    Attributes:
+        population: the units, their filters and synapses.
+        frames: (n_frames, H, W) uint8 movie.
+        trials: column -> (n_trials,) array (see :class:`Simulation`).
+        speed: (n_samples,) float64 running speed, cm/s, at ``config.behavior_rate``.
+        drive: (n_frames, N) float64 stimulus drive per frame (``stimulus_drive``).
+    """
+
+    population: Population
+    frames: np.ndarray
+    trials: dict[str, np.ndarray]
+    speed: np.ndarray
+    drive: np.ndarray
+
+
+def _seeds(config: SimulationConfig) -> list[np.random.SeedSequence]:
+    """Independent seeds of population, calibration, stimulus, behaviour and spikes."""
+    return np.random.SeedSequence(config.seed).spawn(5)
+
+
+def session_inputs(config: SimulationConfig) -> SessionInputs:
+    """Rebuild a session's population, movie and running speed from its config (no spikes)."""
+    pop_ss, calib_ss, stim_ss, behav_ss, _ = _seeds(config)
     pop = _make_population(np.random.default_rng(pop_ss), np.random.default_rng(calib_ss), config)
     frames, trials = _make_stimulus(np.random.default_rng(stim_ss), config,
                                     round(config.duration * config.frame_rate))
     speed = _make_speed(np.random.default_rng(behav_ss), config,
                         round(config.duration * config.behavior_rate))
-    drive = _stimulus_drive(frames, pop.filters)
-    spikes = _run_network(np.random.default_rng(spike_ss), pop, drive, speed, config, progress)
-    return Simulation(config, spikes, frames, speed, trials, pop.truth)
+    return SessionInputs(pop, frames, trials, speed, stimulus_drive(frames, pop.filters))
+
+
+def simulate(config: SimulationConfig = SimulationConfig(), progress: bool = False) -> Simulation:
+    """Simulate a session in memory (see :func:`simulate_recording` to write it)."""
+    inputs = session_inputs(config)
+    spikes = _run_network(np.random.default_rng(_seeds(config)[4]), inputs.population, inputs.drive,
+                          inputs.speed, config, progress)
+    return Simulation(config, spikes, inputs.frames, inputs.speed, inputs.trials, inputs.population.truth)
 
 
 # --------------------------------------------------------------------------- NWB
@@ -498,7 +540,7 @@ def _to_nwbfile(sim: Simulation) -> NWBFile:
             "Synthetic benchmark with known ground truth (cell types, receptive fields, "
             "direction tuning, speed gains, synaptic connectivity) for testing models."),
         keywords=["simulation", "ground truth", "visual cortex", "V1", "spikes", "running"],
-        notes="neuroformer.data.simulate config: " + json.dumps(dataclasses.asdict(cfg)),
+        notes=CONFIG_NOTE + json.dumps(dataclasses.asdict(cfg)),
         source_script="neuroformer.data.simulate",
         source_script_file_name="simulate.py",
         subject=Subject(
@@ -604,20 +646,10 @@ def write_nwb(sim: Simulation, path: str | Path) -> Path:
 
     An interrupted write leaves no partial file and keeps any previous file at ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     nwbfile = _to_nwbfile(sim)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with warnings.catch_warnings():  # the temp name does not end in .nwb, on purpose
-            warnings.filterwarnings("ignore", message=".*does not end in '.nwb'")
-            with NWBHDF5IO(str(tmp), "w") as io:
-                io.write(nwbfile)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as tmp, NWBHDF5IO(str(tmp), "w") as io:
+        io.write(nwbfile)
+    return Path(path)
 
 
 def simulate_recording(path: str | Path, config: SimulationConfig = SimulationConfig(),
@@ -657,6 +689,24 @@ def load_ground_truth(path: str | Path) -> GroundTruth:
         )
 
 
+def read_config(path: str | Path) -> SimulationConfig:
+    """The :class:`SimulationConfig` a file written by :func:`simulate_recording` was made with.
+
+    Raises:
+        RecordingError: the file's notes do not hold a simulation config.
+    """
+    with h5py.File(path, "r") as f:
+        notes = f["general/notes"][()] if "general/notes" in f else b""
+    notes = notes.decode() if isinstance(notes, bytes) else str(notes)
+    if not notes.startswith(CONFIG_NOTE):
+        raise RecordingError(path, "general/notes", f"expected {CONFIG_NOTE!r} and the config as JSON: "
+                             "not a neuroformer simulation")
+    try:
+        return SimulationConfig(**json.loads(notes[len(CONFIG_NOTE):]))
+    except (ValueError, TypeError) as e:
+        raise RecordingError(path, "general/notes", f"unreadable simulation config: {e}") from e
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -669,26 +719,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``neuroformer-simulate``)."""
-    parser = _parser()
-    args = vars(parser.parse_args(argv))
-    out, quiet = args.pop("out"), args.pop("quiet")
-    try:
-        config = SimulationConfig(**args)
-    except ValueError as e:
-        parser.error(str(e))
+def _main(args: argparse.Namespace) -> int:
+    config = cli.options(args, SimulationConfig)
     began = time.perf_counter()
-    sim = simulate(config, progress=not quiet)
-    write_nwb(sim, out)
-    if not quiet:
+    sim = simulate(config, progress=not args.quiet)
+    write_nwb(sim, args.out)
+    if not args.quiet:
         n_spikes = sum(len(s) for s in sim.spike_times)
-        print(f"wrote {out}: {config.n_units} units, {n_spikes} spikes "
+        print(f"wrote {args.out}: {config.n_units} units, {n_spikes} spikes "
               f"({n_spikes / config.n_units / config.duration:.2f} Hz mean), "
               f"{np.count_nonzero(sim.ground_truth.connectivity)} links, "
               f"{len(sim.frames)} frames, {len(sim.trials['start_time'])} trials "
               f"in {time.perf_counter() - began:.1f} s")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``neuroformer-simulate``, ``python -m neuroformer.data.simulate``)."""
+    return cli.run(_main, _parser(), argv)
 
 
 if __name__ == "__main__":

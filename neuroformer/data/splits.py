@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from neuroformer.data.recording import Intervals
+from neuroformer.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -37,16 +38,24 @@ class SplitSpec:
     def assign(self) -> np.ndarray:
         """(n_blocks,) split name of each block."""
         if self.n_blocks < 3:
-            raise ValueError(f"n_blocks must be >= 3 to hold train, val and test; got {self.n_blocks}")
+            raise ConfigError(f"data.split.n_blocks must be >= 3 to hold train, val and test; got {self.n_blocks}")
         n_test = max(1, round(self.test_fraction * self.n_blocks))
         n_val = max(1, round(self.val_fraction * self.n_blocks))
         if n_test + n_val >= self.n_blocks:
-            raise ValueError("val_fraction + test_fraction leave no block for training")
+            raise ConfigError("data.split.val_fraction + test_fraction leave no block for training")
         order = np.random.default_rng(self.seed).permutation(self.n_blocks)
         names = np.array(["train"] * self.n_blocks, dtype=object)
         names[order[:n_test]] = "test"
         names[order[n_test : n_test + n_val]] = "val"
         return names
+
+    def blocks(self, start: float, stop: float, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi), each (n,): the time spans of the blocks of ``[start, stop)`` assigned to ``split``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+        edges = np.linspace(start, stop, self.n_blocks + 1)
+        mine = self.assign() == split
+        return edges[:-1][mine], edges[1:][mine]
 
 
 def window_starts(
@@ -71,21 +80,14 @@ def window_starts(
     Returns:
         (n,) sorted float64 window starts.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    edges = np.linspace(start, stop, spec.n_blocks + 1)
     starts = []
-    for b in np.flatnonzero(spec.assign() == split):
-        first, last = edges[b] + past_window, edges[b + 1] - window
+    for lo, hi in zip(*spec.blocks(start, stop, split)):
+        first, last = lo + past_window, hi - window
         if last >= first:
             starts.append(first + stride * np.arange(int(np.floor((last - first) / stride + 1e-9)) + 1))
     t0 = np.concatenate(starts) if starts else np.zeros(0)
     if restrict_to is not None and len(restrict_to):
-        # Interval containing each window's beginning must also contain its end.
-        order = np.argsort(restrict_to.start, kind="stable")
-        lo, hi = restrict_to.start[order], restrict_to.stop[order]
-        k = np.searchsorted(lo, t0 - past_window, side="right") - 1
-        ok = k >= 0
-        ok[ok] = t0[ok] + window <= hi[k[ok]]
-        t0 = t0[ok]
+        # The interval holding each window's beginning must also hold its end.
+        row = restrict_to.containing(t0 - past_window)
+        t0 = t0[(row >= 0) & (t0 + window <= restrict_to.stop[row])]
     return np.sort(t0)

@@ -212,3 +212,32 @@ def events_from_counts(counts: np.ndarray, bin_edges: np.ndarray) -> tuple[np.nd
     times = np.repeat(np.asarray(bin_edges, dtype=np.float64)[bin_idx], reps)
     units = np.repeat(unit_idx, reps)
     return times, units
+
+
+def add_tokens(counts: np.ndarray, ids: np.ndarray, dts: np.ndarray, unit_of_token: np.ndarray) -> None:
+    """Add (B, L) token sequences into ``counts`` (B, n_bins, U); special tokens are skipped.
+
+    ``unit_of_token`` maps each ID token to a column of ``counts``.
+    """
+    rows, pos = np.nonzero((ids >= N_SPECIAL) & (dts >= N_SPECIAL))
+    np.add.at(counts, (rows, dts[rows, pos] - N_SPECIAL, unit_of_token[ids[rows, pos]]), 1)
+
+
+def bin_spikes(times: np.ndarray, units: np.ndarray, starts: np.ndarray, tokenizer: SpikeTokenizer,
+               n_units: int) -> np.ndarray:
+    """(B, n_bins, U) counts of the spikes in each window ``[t0, t0 + window)``, every spike kept.
+
+    The bins are the tokenizer's dt bins (the same rule as its ``encode``), so these counts
+    line up with generated ones; unlike model input, no spike is dropped for lack of room.
+
+    Args:
+        times: (n,) sorted spike times, seconds. units: (n,) unit (0..n_units-1) of each spike.
+        starts: (B,) window starts, seconds.
+    """
+    starts = np.asarray(starts, dtype=np.float64)
+    tok = tokenizer
+    n_in = np.searchsorted(times, starts + tok.window) - np.searchsorted(times, starts)
+    enc = tok.encode(times, units, starts, tok.window, max(1, int(n_in.max(initial=0))))
+    counts = np.zeros((len(starts), tok.n_bins, n_units), dtype=np.int64)
+    add_tokens(counts, enc.ids, enc.dts, np.arange(n_units + N_SPECIAL) - N_SPECIAL)
+    return counts

@@ -1,4 +1,4 @@
-"""Sharded (DeepSpeed) checkpoints: recognise them, consolidate them, rebuild the model from them.
+"""Sharded (DeepSpeed) checkpoints: recognise them and consolidate them into one fp32 checkpoint.
 
 Lightning writes a DeepSpeed checkpoint as a folder (the ``.ckpt`` name is kept)::
 
@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from neuroformer.data.dataset import InputSpec
-from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
+from neuroformer import cli
+from neuroformer.errors import ModelMismatchError
+from neuroformer.files import atomic_path
 
 # Keys DeepSpeed adds to the client state; the rest is Lightning's checkpoint dict.
 _DEEPSPEED_KEYS = frozenset({
@@ -93,6 +94,14 @@ def consolidated_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path}: not a DeepSpeed checkpoint folder (expected a folder with a 'latest' file)")
+    checkpoint = _client_state(path)
+    with weights_only_loading():
+        checkpoint["state_dict"] = dict(get_fp32_state_dict_from_zero_checkpoint(str(path), tag=_tag_dir(path).name))
+    return checkpoint
+
+
+def _client_state(path: Path) -> dict[str, Any]:
+    """Lightning's checkpoint dict (without weights) of a sharded folder, from rank 0's module file."""
     tag_dir = _tag_dir(path)
     # Rank 0's module file carries Lightning's client state: ZeRO-1/2 and ZeRO-3 name it differently.
     candidates = [tag_dir / "mp_rank_00_model_states.pt", tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"]
@@ -101,10 +110,14 @@ def consolidated_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{tag_dir}: no rank-0 model state file ({', '.join(f.name for f in candidates)})")
     with weights_only_loading():
         client_state = torch.load(model_file, map_location="cpu", weights_only=True)
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag_dir.name)
-    checkpoint = {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
-    checkpoint["state_dict"] = dict(state_dict)
-    return checkpoint
+    return {k: v for k, v in client_state.items() if k not in _DEEPSPEED_KEYS}
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint's dict without reassembling its weights (a file, or a sharded folder)."""
+    if is_sharded_checkpoint(path):
+        return _client_state(Path(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -114,47 +127,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_neuroformer(path: str | Path) -> tuple[Neuroformer, InputSpec]:
-    """A fresh Neuroformer (eval mode) with the weights of a training checkpoint, and its data spec.
-
-    The model is rebuilt from ``checkpoint["neuroformer"]["model_config"]`` (written by
-    ``PretrainTask.on_save_checkpoint``); works for single-file and sharded checkpoints.
-    """
-    checkpoint = read_checkpoint(path)
-    if "neuroformer" not in checkpoint:
-        raise KeyError(f"{path}: not a neuroformer training checkpoint: no 'neuroformer' entry (model config, spec)")
-    meta = checkpoint["neuroformer"]
-    model = Neuroformer(NeuroformerConfig(**meta["model_config"]))
-    prefix = "model."
-    weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
-    return model.eval(), InputSpec.from_dict(meta["spec"])
-
-
 def write_consolidated(path: str | Path, output: str | Path) -> Path:
     """Write the consolidated fp32 checkpoint of a sharded folder to ``output`` (atomically).
 
-    The file loads with ``torch.load`` and ``PretrainTask.load_from_checkpoint``, without DeepSpeed.
+    The file loads with ``torch.load`` and ``neuroformer.registry.load``, without DeepSpeed.
     """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    try:
+    with atomic_path(output) as tmp:
         torch.save(consolidated_checkpoint(path), tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return output
+    return Path(output)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m neuroformer.distributed.checkpoints SHARDED_DIR OUTPUT.ckpt``."""
-    parser = argparse.ArgumentParser(description="Consolidate a sharded DeepSpeed checkpoint into one fp32 file.")
-    parser.add_argument("checkpoint", type=Path, help="DeepSpeed checkpoint folder written by training")
-    parser.add_argument("output", type=Path, help="single-file checkpoint to write")
-    args = parser.parse_args(argv)
-    print(write_consolidated(args.checkpoint, args.output))
+def main(argv: list[str] | None = None) -> int:
+    """``python -m neuroformer.distributed.checkpoints --checkpoint SHARDED_DIR --output OUTPUT.ckpt``."""
+    parser = cli.parser("python -m neuroformer.distributed.checkpoints",
+                        "Consolidate a sharded DeepSpeed checkpoint into one fp32 checkpoint file.")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="DeepSpeed checkpoint folder written by training")
+    parser.add_argument("--output", type=Path, required=True, help="single-file checkpoint to write")
+
+    def run(args: argparse.Namespace) -> int:
+        if not is_sharded_checkpoint(args.checkpoint):
+            raise ModelMismatchError(f"{args.checkpoint}: not a sharded DeepSpeed checkpoint (a folder with a "
+                                     "'latest' file, as train() writes under the deepspeed_* presets)")
+        print(write_consolidated(args.checkpoint, args.output))
+        return 0
+
+    return cli.run(run, parser, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -13,8 +13,6 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lightning.fabric.plugins.environments import SLURMEnvironment
-
 log = logging.getLogger(__name__)
 
 
@@ -77,15 +75,3 @@ class SlurmJob:
         if self.array_job_id and self.array_task_id:
             tags["slurm.array"] = self.requeue_id
         return tags
-
-
-def cluster_plugins() -> list[SLURMEnvironment]:
-    """Trainer plugins for this process: SLURM's environment inside a SLURM job step, else none.
-
-    Ranks, world size and the master address come from SLURM (``srun``, one task per
-    device). Lightning's own auto-requeue is off: it checkpoints from inside the signal
-    handler, in the middle of a step, and keeps training until SLURM kills the job;
-    ``neuroformer.distributed.preemption.Preemption`` checkpoints at a step boundary and
-    stops at once instead.
-    """
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []

@@ -21,35 +21,33 @@ Baseline from the data alone: the lagged cross-correlation ``cross_correlation_i
 spikes of j 0-10 ms after spikes of i, as a Poisson z-score against the count expected from
 slow co-modulation (stimulus, running), estimated from lags of 20-50 ms on both sides.
 
-Scoring (``score_links``), on ordered pairs i != j against ``connectivity[pre, post] != 0``:
-AUROC and average precision of link detection by strength ``|M - median(M)|`` (links are
-excitatory or inhibitory), and of direction on the linked pairs whose reverse pair is not
-linked (is the strength of i -> j larger than that of j -> i); and, keeping the sign, AUROC of
-excitatory links ranked by ``M`` and of inhibitory links ranked by ``-M``.
+Scoring against the truth is ``neuroformer.metrics.links.score_links``.
 
 CLI: ``python -m neuroformer.inference.connectivity --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-from neuroformer.data.dataset import Batch, InputSpec, WindowDataset
+from neuroformer import cli
+from neuroformer.data.dataset import Batch, InputSpec, WindowDataset, batches
 from neuroformer.data.nwb import read_nwb
-from neuroformer.data.recording import Recording
-from neuroformer.data.simulate import GroundTruth, load_ground_truth
+from neuroformer.data.recording import Intervals, Recording
+from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import N_SPECIAL
+from neuroformer.errors import RecordingError
+from neuroformer.files import write_json
+from neuroformer.metrics.links import LinkScores, score_links
 from neuroformer.models.neuroformer import Neuroformer
+from neuroformer.registry import load
 
 METHODS = ("attention_x_gradient", "attention")
 
@@ -59,12 +57,12 @@ def _relevance(model: Neuroformer, batch: Batch, method: str) -> torch.Tensor:
     P = batch.past_ids.shape[1]
     if method == "attention":
         with torch.no_grad():
-            _, weights = model.forward_with_attention(batch)
+            _, weights = model.forward_with_attention(batch.inputs)
         return torch.stack([w[..., :P] for w in weights]).mean(dim=(0, 2))
     if method != "attention_x_gradient":
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     with torch.enable_grad():
-        out, weights = model.forward_with_attention(batch)
+        out, weights = model.forward_with_attention(batch.inputs)
         is_unit = batch.target_ids >= N_SPECIAL
         log_p = F.log_softmax(out.id_logits, dim=-1).gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
         grads = torch.autograd.grad((log_p * is_unit).sum(), weights)
@@ -137,110 +135,31 @@ def cross_correlation_influence(
     return (observed - expected) / np.sqrt(np.maximum(expected, 1.0))
 
 
-@dataclass
-class LinkScores:
-    """How well an influence matrix recovers true links.
-
-    Attributes:
-        auroc, ap: link detection over ordered pairs i != j.
-        chance_ap: AP of a random score (the fraction of pairs that are links).
-        direction_auroc, direction_ap: direction on one-way links (chance 0.5 both).
-        direction_accuracy: fraction of one-way links i -> j with ``M[i, j] > M[j, i]``.
-        excitatory_auroc: excitatory links against all other pairs, ranked by ``M`` (sign kept).
-        inhibitory_auroc: inhibitory links against all other pairs, ranked by ``-M``.
-        n_links, n_pairs, n_one_way: counts behind the scores.
-    """
-
-    auroc: float
-    ap: float
-    chance_ap: float
-    direction_auroc: float
-    direction_ap: float
-    direction_accuracy: float
-    excitatory_auroc: float
-    inhibitory_auroc: float
-    n_links: int
-    n_pairs: int
-    n_one_way: int
-
-
-def score_links(influence: np.ndarray, connectivity: np.ndarray) -> LinkScores:
-    """Score ``influence[pre, post]`` against ``connectivity[pre, post]`` (nonzero = link).
-
-    Links can be excitatory or inhibitory, so a pair's strength is its deviation from the typical
-    pair, ``|M - median(M)|``; detection ranks pairs by strength, direction compares the strengths
-    of ``i -> j`` and ``j -> i``; the signed scores rank ``M - median(M)`` (excitatory links) and its
-    negative (inhibitory links). Pairs with no value (NaN: never observed together) count as typical.
-    """
-    if influence.shape != connectivity.shape or influence.ndim != 2:
-        raise ValueError(f"influence {influence.shape} and connectivity {connectivity.shape} must be the same (N, N)")
-    off = ~np.eye(len(influence), dtype=bool)
-    median = np.nanmedian(influence[off])
-    centred = np.where(np.isfinite(influence), influence, median) - median
-    strength = np.abs(centred)
-    linked = connectivity != 0
-    one_way = linked & ~linked.T
-    forward = (strength - strength.T)[one_way]
-    auroc, ap = _auroc_ap(strength[off], linked[off])
-    d_auroc, d_ap = _auroc_ap(np.concatenate([forward, -forward]),
-                              np.concatenate([np.ones(len(forward), bool), np.zeros(len(forward), bool)]))
-    return LinkScores(
-        auroc=auroc, ap=ap, chance_ap=float(linked[off].mean()),
-        direction_auroc=d_auroc, direction_ap=d_ap,
-        direction_accuracy=float((forward > 0).mean()) if len(forward) else float("nan"),
-        excitatory_auroc=_auroc_ap(centred[off], (connectivity > 0)[off])[0],
-        inhibitory_auroc=_auroc_ap(-centred[off], (connectivity < 0)[off])[0],
-        n_links=int(linked[off].sum()), n_pairs=int(off.sum()), n_one_way=int(one_way.sum()),
-    )
-
-
-def _auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    if labels.all() or not labels.any():
-        return float("nan"), float("nan")
-    s, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).long()
-    return float(binary_auroc(s, y)), float(binary_average_precision(s, y))
-
-
 def spikes_in_windows(rec: Recording, t0: np.ndarray, window: float, past_window: float) -> tuple[np.ndarray, np.ndarray]:
     """Spike times and units of ``rec`` inside any window span ``[t0 - past_window, t0 + window)``."""
-    times = rec.units.spike_times
-    t0 = np.sort(t0)
-    k = np.searchsorted(t0 - past_window, times, side="right") - 1  # latest span starting before each spike
-    inside = k >= 0
-    inside[inside] = times[inside] < t0[k[inside]] + window
-    return times[inside], rec.units.spike_units[inside]
+    spans = Intervals(np.asarray(t0) - past_window, np.asarray(t0) + window)
+    inside = spans.containing(rec.units.spike_times) >= 0
+    return rec.units.spike_times[inside], rec.units.spike_units[inside]
 
 
-def evaluate(
-    model: Neuroformer,
-    spec: InputSpec,
-    rec: Recording,
-    truth: GroundTruth,
-    t0: np.ndarray,
-    batch_size: int = 32,
-    methods: Iterable[str] = METHODS,
-) -> dict[str, LinkScores]:
-    """Score each attention estimate and the cross-correlation baseline on the windows starting at ``t0``.
+def estimate(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray, batch_size: int = 32,
+             methods: Iterable[str] = METHODS) -> dict[str, np.ndarray]:
+    """Each estimator's (U, U) ``[pre, post]`` influence over the windows starting at ``t0``.
 
-    Returns:
-        estimator name -> LinkScores, in the order: the attention methods, then "cross_correlation"
-        (computed on the spikes of the same windows).
+    Units are the recording's rows. The model's estimates (``methods``) come first, then
+    ``"cross_correlation"``, the baseline from the same spikes (past and current windows).
     """
-    if truth.n_units != rec.units.n_units:
-        raise ValueError(f"{rec.path}: ground truth has {truth.n_units} units, the recording {rec.units.n_units}")
     dataset = WindowDataset([rec], spec, [t0])
     rows = spec.vocab.indices(rec.units.names, rec.path)  # recording row -> vocabulary unit
-    batches = lambda: (dataset.__getitems__(list(range(i, min(i + batch_size, len(dataset)))))  # noqa: E731
-                       for i in range(0, len(dataset), batch_size))
-    scores = {}
+    device = next(model.parameters()).device
+    estimates = {}
     for method in methods:
-        influence, _ = attention_influence(model, batches(), len(spec.vocab), method)
-        scores[method] = score_links(influence[np.ix_(rows, rows)], truth.connectivity)
+        influence, _ = attention_influence(model, batches(dataset, batch_size, device), len(spec.vocab), method)
+        estimates[method] = influence[np.ix_(rows, rows)]
     tok = spec.tokenizer
     times, units = spikes_in_windows(rec, t0, tok.window, tok.past_window)
-    scores["cross_correlation"] = score_links(cross_correlation_influence(times, units, rec.units.n_units),
-                                              truth.connectivity)
-    return scores
+    estimates["cross_correlation"] = cross_correlation_influence(times, units, rec.units.n_units)
+    return estimates
 
 
 def format_table(scores: dict[str, LinkScores]) -> str:
@@ -255,40 +174,41 @@ def format_table(scores: dict[str, LinkScores]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m neuroformer.inference.connectivity``: score a model's connectivity on a simulated recording."""
-    from neuroformer.inference.loading import load, training_split
-
-    parser = argparse.ArgumentParser(
-        prog="python -m neuroformer.inference.connectivity",
-        description="Infer unit-to-unit connectivity from a trained Neuroformer's cross-attention over a "
-                    "recording's test block and score it (and a cross-correlation baseline) against the "
-                    "simulator's ground truth.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="checkpoint (.ckpt) or models:/NAME/VERSION|@ALIAS")
-    parser.add_argument("--data", required=True, type=Path, help="simulated NWB recording (with ground truth)")
+def _parser():
+    parser = cli.parser(
+        "python -m neuroformer.inference.connectivity",
+        "Infer unit-to-unit connectivity from a trained Neuroformer's cross-attention over a recording's "
+        "held-out block and score it (and a cross-correlation baseline) against the simulator's ground truth.")
+    parser.add_argument("--model", required=True, help="checkpoint, sharded folder, or models:/NAME/VERSION|@ALIAS")
+    parser.add_argument("--data", type=Path, help="simulated NWB recording with ground truth (default: the model's)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _main(args) -> int:
     loaded = load(args.model)
-    rec, truth = read_nwb(args.data), load_ground_truth(args.data)
+    rec = read_nwb(args.data) if args.data else loaded.spec.source.read()
+    truth = load_ground_truth(rec.path)
     tok = loaded.spec.tokenizer
-    t0 = window_starts(rec.start, rec.stop, training_split(loaded), args.split, tok.window, tok.past_window,
-                       tok.window)
+    t0 = window_starts(rec.start, rec.stop, loaded.spec.split, args.split, tok.window, tok.past_window, tok.window)
     if len(t0) == 0:
-        parser.error(f"{args.data}: no {args.split} windows")
-    scores = evaluate(loaded.model, loaded.spec, rec, truth, t0, args.batch_size, args.methods)
-    print(f"{args.data}: {len(t0)} {args.split} windows, {rec.units.n_units} units, "
+        raise RecordingError(rec.path, "windows", f"no {args.split} windows under the model's split")
+    estimates = estimate(loaded.model, loaded.spec, rec, t0, args.batch_size, args.methods)
+    scores = {name: score_links(m, truth.connectivity) for name, m in estimates.items()}
+    print(f"{rec.path}: {len(t0)} {args.split} windows, {rec.units.n_units} units, "
           f"{next(iter(scores.values())).n_links} true links\n")
     print(format_table(scores))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({k: asdict(v) for k, v in scores.items()}, indent=1))
+        write_json(args.out, {k: asdict(v) for k, v in scores.items()})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m neuroformer.inference.connectivity``: score a model's connectivity on a simulated recording."""
+    return cli.run(_main, _parser(), argv)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,15 @@ import numpy as np
 import torch
 
 from neuroformer import cli
-from neuroformer.data.dataset import Batch, InputSpec, WindowDataset
+from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.recording import Recording
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
-from neuroformer.models.neuroformer import Neuroformer
+from neuroformer.errors import ConfigError, RecordingError
+from neuroformer.files import atomic_path
+from neuroformer.models.neuroformer import Neuroformer, NeuroformerInput
+from neuroformer.registry import load
 
 NEG_INF = float("-inf")
 
@@ -63,7 +66,7 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}")
+            raise ConfigError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self}")
 
 
 class GeneratedWindows(NamedTuple):
@@ -144,8 +147,8 @@ def id_constraint(new_dt: torch.Tensor, last_id: torch.Tensor, last_bin: torch.T
     return ok
 
 
-def _cached_logits(model: Neuroformer, batch: Batch) -> Callable:
-    cache = model.start_decoding(batch)
+def _cached_logits(model: Neuroformer, x: NeuroformerInput) -> Callable:
+    cache = model.start_decoding(x)
 
     def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         id_logits, dt_logits = model.decode_step(cache, ids[:, t : t + 1], dts[:, t : t + 1])
@@ -154,9 +157,9 @@ def _cached_logits(model: Neuroformer, batch: Batch) -> Callable:
     return step
 
 
-def _full_forward_logits(model: Neuroformer, batch: Batch) -> Callable:
+def _full_forward_logits(model: Neuroformer, x: NeuroformerInput) -> Callable:
     def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(batch._replace(ids=ids, dts=dts))
+        out = model(x._replace(ids=ids, dts=dts))
         return out.id_logits[:, t], out.dt_logits[:, t]
 
     return step
@@ -165,18 +168,18 @@ def _full_forward_logits(model: Neuroformer, batch: Batch) -> Callable:
 @torch.inference_mode()  # no autograd bookkeeping: ~12% faster per step than no_grad on CPU
 def sample_windows(
     model: Neuroformer,
-    batch: Batch,
+    x: NeuroformerInput,
     n_bins: int,
     sampling: SamplingConfig = SamplingConfig(),
     generator: torch.Generator | None = None,
     unit_tokens: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> GeneratedWindows:
-    """Sample the current window of every row of ``batch`` given its context.
+    """Sample the current window of every row of ``x`` given its context.
 
     Args:
         model: the Neuroformer (put in eval mode by the caller for dropout-free sampling).
-        batch: context of each window (past tokens, frames, behaviour); its current tokens are ignored.
+        x: context of each window (past tokens, frames, behaviour); its current tokens are ignored.
         n_bins: dt bins of a current window (``SpikeTokenizer.n_bins``).
         sampling: temperature / top-k / top-p.
         generator: random source; the same seed gives the same samples.
@@ -188,8 +191,8 @@ def sample_windows(
         GeneratedWindows with (B, block_size) token tensors.
     """
     cfg = model.config
-    B, T = len(batch.past_ids), cfg.block_size
-    device = batch.past_ids.device
+    B, T = len(x.past_ids), cfg.block_size
+    device = x.past_ids.device
     allowed = torch.zeros(cfg.id_vocab_size, dtype=torch.bool, device=device)
     allowed[N_SPECIAL:] = True
     if unit_tokens is not None:
@@ -202,7 +205,7 @@ def sample_windows(
     last_bin = torch.zeros(B, dtype=torch.long, device=device)
     counts = torch.zeros(B, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, batch)
+    logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, x)
     steps = 0
     for t in range(T - 1):  # position t predicts token t + 1; a full block holds T - 1 spikes
         id_logits, dt_logits = logits_at(ids, dts, t)
@@ -222,8 +225,9 @@ def sample_windows(
     return GeneratedWindows(ids, dts, counts, ended, steps)
 
 
-def _past_batch(spec: InputSpec, batch: Batch, t0: np.ndarray, streams: list[Spikes], unit_vocab: np.ndarray) -> Batch:
-    """``batch`` with its past-window tokens rebuilt from each row's spike stream."""
+def _with_past(spec: InputSpec, x: NeuroformerInput, t0: np.ndarray, streams: list[Spikes], unit_vocab: np.ndarray
+               ) -> NeuroformerInput:
+    """``x`` with its past-window tokens rebuilt from each row's spike stream."""
     tok = spec.tokenizer
     past_ids, past_dts = [], []
     for start, (times, units) in zip(t0, streams):
@@ -232,8 +236,8 @@ def _past_batch(spec: InputSpec, batch: Batch, t0: np.ndarray, streams: list[Spi
         seq = tok.past_sequences(enc)
         past_ids.append(seq["past_ids"])
         past_dts.append(seq["past_dts"])
-    as_t = lambda a: torch.from_numpy(np.concatenate(a)).to(batch.past_ids.device)  # noqa: E731
-    return batch._replace(past_ids=as_t(past_ids), past_dts=as_t(past_dts))
+    as_t = lambda a: torch.from_numpy(np.concatenate(a)).to(x.past_ids.device)  # noqa: E731
+    return x._replace(past_ids=as_t(past_ids), past_dts=as_t(past_dts))
 
 
 def _recent(spikes: Spikes, since: float) -> Spikes:
@@ -279,11 +283,10 @@ def simulate(
     generated: list[list[Spikes]] = [[] for _ in starts]
     for w in range(n_windows):
         t0 = starts + w * tok.window
-        batch = WindowDataset([recording], spec, [t0]).__getitems__(range(len(t0)))
-        batch = Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in batch))
+        x = WindowDataset([recording], spec, [t0]).__getitems__(range(len(t0))).to(device).inputs
         if closed_loop and w > 0:
-            batch = _past_batch(spec, batch, t0, streams, unit_vocab)
-        out = sample_windows(model, batch, tok.n_bins, sampling, generator, unit_tokens)
+            x = _with_past(spec, x, t0, streams, unit_vocab)
+        out = sample_windows(model, x, tok.n_bins, sampling, generator, unit_tokens)
         ids, dts = out.ids.cpu().numpy(), out.dts.cpu().numpy()
         for b in range(len(starts)):
             times, units = tok.decode(ids[b], dts[b], t0[b])
@@ -295,16 +298,13 @@ def simulate(
     return [Spikes(np.concatenate([g.times for g in gen]), np.concatenate([g.units for g in gen])) for gen in generated]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m neuroformer.inference.generate``: simulate a stretch of a recording's test block."""
-    from neuroformer.inference.loading import load, training_split
-
+def _parser():
     parser = cli.parser(
         "python -m neuroformer.inference.generate",
         "Generate spikes with a trained Neuroformer over consecutive windows of a recording's "
         "split (default: the test block), conditioned on its true stimulus and behaviour.")
-    parser.add_argument("--model", required=True, help="checkpoint (.ckpt) or models:/NAME/VERSION|@ALIAS")
-    parser.add_argument("--data", required=True, type=Path, help="NWB recording")
+    parser.add_argument("--model", required=True, help="checkpoint, sharded folder, or models:/NAME/VERSION|@ALIAS")
+    parser.add_argument("--data", type=Path, help="NWB recording (default: the one the model was trained on)")
     parser.add_argument("--out", required=True, type=Path, help="output .npz (times, units, sample, unit_names)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--n-windows", type=int, default=20, help="consecutive windows per sample")
@@ -314,30 +314,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _main(args) -> int:
     loaded = load(args.model)
-    rec = read_nwb(args.data)
+    rec = read_nwb(args.data) if args.data else loaded.spec.source.read()
     tok = loaded.spec.tokenizer
-    starts = window_starts(rec.start, rec.stop, training_split(loaded), args.split, tok.window, tok.past_window,
+    starts = window_starts(rec.start, rec.stop, loaded.spec.split, args.split, tok.window, tok.past_window,
                            tok.window)
     if len(starts) == 0:
-        parser.error(f"{args.data}: no {args.split} windows")
+        raise RecordingError(rec.path, "windows", f"no {args.split} windows under the model's split")
     start = float(starts[0])
     span = args.n_windows * tok.window
     generator = torch.Generator().manual_seed(args.seed)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     trains = simulate(loaded.model, loaded.spec, rec, np.full(args.samples, start), args.n_windows, sampling,
                       generator, closed_loop=not args.open_loop)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        args.out,
-        times=np.concatenate([s.times for s in trains]),
-        units=np.concatenate([s.units for s in trains]),
-        sample=np.concatenate([np.full(len(s.times), k) for k, s in enumerate(trains)]),
-        unit_names=np.asarray(rec.units.names),
-        interval=np.array([start, start + span]),
-    )
+    with atomic_path(args.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                times=np.concatenate([s.times for s in trains]),
+                units=np.concatenate([s.units for s in trains]),
+                sample=np.concatenate([np.full(len(s.times), k) for k, s in enumerate(trains)]),
+                unit_names=np.asarray(rec.units.names),
+                interval=np.array([start, start + span]),
+            )
     true = rec.units.spike_times
     n_true = int(((true >= start) & (true < start + span)).sum())
     n_gen = np.mean([len(s.times) for s in trains])
@@ -345,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({'open' if args.open_loop else 'closed'} loop): {n_gen:.0f} generated spikes per sample vs "
           f"{n_true} true")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m neuroformer.inference.generate``: simulate a stretch of a recording's test block."""
+    return cli.run(_main, _parser(), argv)
 
 
 if __name__ == "__main__":

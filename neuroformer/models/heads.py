@@ -15,33 +15,23 @@ import torch
 from torch import nn
 
 from neuroformer.data.tokenizer import PAD
-from neuroformer.models.neuroformer import ModelOutput, Neuroformer, masked_mean
+from neuroformer.models.neuroformer import ModelOutput, Neuroformer, NeuroformerInput, masked_mean
 
 
-def model_inputs(batch):
-    """The batch without its fine-tuning target, so a model cannot read what it predicts."""
-    return batch._replace(target_behavior=None)
-
-
-def window_features(backbone: Neuroformer, batch) -> tuple[ModelOutput, torch.Tensor]:
+def window_features(backbone: Neuroformer, x: NeuroformerInput) -> tuple[ModelOutput, torch.Tensor]:
     """Next-token outputs and pooled window features in one forward pass.
 
     Args:
         backbone: the Neuroformer.
-        batch: a ``Batch``; its ``target_behavior`` is removed before the model sees it.
+        x: the windows' tokens and context.
 
     Returns:
         the model's outputs (id_logits (B, T, V), dt_logits (B, T, V_dt)) and features (B, C):
-        ``ln_f`` outputs averaged over positions whose input token is not PAD.
+        the final hidden states (``Neuroformer.features``) averaged over positions whose input
+        token is not PAD.
     """
-    captured: list[torch.Tensor] = []
-    # The final hidden states are internal to Neuroformer.forward; a hook reads them there.
-    handle = backbone.ln_f.register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        out = backbone(model_inputs(batch))
-    finally:
-        handle.remove()
-    return out, masked_mean(captured[-1], batch.ids != PAD)
+    f = backbone.features(x)
+    return backbone.heads(f.hidden), masked_mean(f.hidden, x.ids != PAD)
 
 
 class BehaviorHead(nn.Module):

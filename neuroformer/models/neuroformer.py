@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroformer.data.tokenizer import PAD
+from neuroformer.errors import ConfigError
 
 
 @dataclass
@@ -59,13 +60,13 @@ class NeuroformerConfig:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise ConfigError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
         self.patch = tuple(self.patch)
         if self.n_frames:
             self.frame_shape = tuple(self.frame_shape)
             dims = (self.n_frames, *self.frame_shape)
             if any(d % p for d, p in zip(dims, self.patch)):
-                raise ValueError(f"frames (F, H, W) = {dims} must be divisible by patch {self.patch}")
+                raise ConfigError(f"model.patch: frames (F, H, W) = {dims} must be divisible by the patch {self.patch}")
 
     @property
     def n_patches(self) -> int:
@@ -74,6 +75,31 @@ class NeuroformerConfig:
         f, h, w = self.n_frames, *self.frame_shape
         pt, ph, pw = self.patch
         return (f // pt) * (h // ph) * (w // pw)
+
+
+class NeuroformerInput(NamedTuple):
+    """What the model reads of a window: its tokens and its context, nothing it must predict.
+
+    Attributes:
+        ids: (B, T) current-window ID tokens ``[SOS, s1..sn, PAD..]``.
+        dts: (B, T) current-window dt tokens, aligned with ``ids``.
+        past_ids: (B, P) past-window ID tokens ``[SOS, s1..sn, PAD..]``.
+        past_dts: (B, P) past-window dt tokens.
+        frames: (B, F, H, W) normalised stimulus frames, or None for a model without a stimulus.
+        behavior: (B, S, V) normalised behaviour samples, or None for a model without behaviour;
+            NaN where the behaviour was not recorded (masked, never imputed).
+    """
+
+    ids: torch.Tensor
+    dts: torch.Tensor
+    past_ids: torch.Tensor
+    past_dts: torch.Tensor
+    frames: torch.Tensor | None = None
+    behavior: torch.Tensor | None = None
+
+    def repeat_interleave(self, n: int) -> NeuroformerInput:
+        """Every window repeated ``n`` times in a row (row ``b * n + s`` is copy ``s`` of window ``b``)."""
+        return NeuroformerInput(*(t.repeat_interleave(n, dim=0) if t is not None else None for t in self))
 
 
 class ModelOutput(NamedTuple):
@@ -92,6 +118,20 @@ class ModelOutput(NamedTuple):
     neural: torch.Tensor | None = None
     stimulus: torch.Tensor | None = None
     behavior: torch.Tensor | None = None
+
+
+class Features(NamedTuple):
+    """The hidden states a forward pass computes before its heads (``Neuroformer.features``).
+
+    Attributes:
+        hidden: (B, T, C) final hidden state of every current position (after ``ln_f``).
+        attention: per decoder block, (B, h, T, N) cross-attention probabilities (empty unless asked).
+        parts: each context modality's encoding by name, (B, N_m, C).
+    """
+
+    hidden: torch.Tensor
+    attention: list[torch.Tensor]
+    parts: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -261,7 +301,10 @@ class FrameEncoder(nn.Module):
 
 
 class BehaviorEncoder(nn.Module):
-    """Behaviour samples (B, S, V) -> tokens (B, S, C)."""
+    """Behaviour samples (B, S, V) -> tokens (B, S, C) and which of them hold a value (B, S).
+
+    A sample with any NaN (behaviour not recorded at that time) is masked, never imputed.
+    """
 
     def __init__(self, cfg: NeuroformerConfig):
         super().__init__()
@@ -269,9 +312,12 @@ class BehaviorEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(cfg.behavior_steps, cfg.n_embd))
         self.encoder = ContextEncoder(cfg)
 
-    def forward(self, behavior: torch.Tensor) -> torch.Tensor:
-        x = self.embed(behavior) + self.pos
-        return self.encoder(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+    def forward(self, behavior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = ~behavior.isnan().any(-1)  # (B, S)
+        x = self.embed(behavior.nan_to_num(0.0)) + self.pos
+        # A window with no sample at all attends among its (meaningless) tokens, so that nothing
+        # is NaN; the decoder's cross-attention then ignores all of them (keep is False).
+        return self.encoder(x, keep | ~keep.any(-1, keepdim=True)), keep
 
 
 def masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -332,47 +378,73 @@ class Neuroformer(nn.Module):
         """Token embedding: ID + learned dt + position. ids, dts: (B, T) -> (B, T, C)."""
         return self.drop(self.id_embedding(ids) + self.dt_embedding(dts) + pos[: ids.shape[1]])
 
-    def encode_context(self, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def encode_context(self, x: NeuroformerInput) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The cross-attention memory of a batch.
 
         Returns:
             context (B, N, C), keep (B, N) bool, and each modality's encoding by name.
         """
-        keep_past = batch.past_ids != PAD
-        parts = {"past": self.past_encoder(self.embed(batch.past_ids, batch.past_dts, self.past_pos), keep_past)}
+        keep_past = x.past_ids != PAD
+        parts = {"past": self.past_encoder(self.embed(x.past_ids, x.past_dts, self.past_pos), keep_past)}
         keeps = [keep_past]
         if self.frames is not None:
-            parts["stimulus"] = self.frames(batch.frames)
+            parts["stimulus"] = self.frames(x.frames)
             keeps.append(torch.ones(parts["stimulus"].shape[:2], dtype=torch.bool, device=keep_past.device))
         if self.behavior is not None:
-            parts["behavior"] = self.behavior(batch.behavior)
-            keeps.append(torch.ones(parts["behavior"].shape[:2], dtype=torch.bool, device=keep_past.device))
+            parts["behavior"], keep_behavior = self.behavior(x.behavior)
+            keeps.append(keep_behavior)
         return torch.cat(list(parts.values()), dim=1), torch.cat(keeps, dim=1), parts
 
-    def forward(self, batch, contrastive: bool = False) -> ModelOutput:
+    def features(self, x: NeuroformerInput, need_weights: bool = False) -> Features:
+        """The final hidden states of every current position (after ``ln_f``), before the heads.
+
+        Args:
+            x: the window's tokens and context.
+            need_weights: also return every decoder block's cross-attention probabilities.
+        """
+        context, keep_ctx, parts = self.encode_context(x)
+        ids, T = x.ids, x.ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        self_mask = causal[None, None] & (ids != PAD)[:, None, None, :]  # (B, 1, T, T)
+        cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
+        h = self.embed(ids, x.dts, self.current_pos)
+        weights = []
+        for block in self.blocks:
+            h, _, w = block(h, self_mask, block.cross_attn.keys_values(context), cross_mask, need_weights=need_weights)
+            weights.append(w)
+        return Features(self.ln_f(h), weights if need_weights else [], parts)
+
+    def forward(self, x: NeuroformerInput, contrastive: bool = False) -> ModelOutput:
         """Next-token logits for every position of the current window.
 
         Args:
-            batch: a ``Batch`` (ids/dts (B, T), past_ids/past_dts (B, P), frames (B, F, H, W)
-                if the model has a stimulus encoder, behavior (B, S, V) if it has a behaviour one).
+            x: ids/dts (B, T), past_ids/past_dts (B, P), frames (B, F, H, W) if the model has a
+                stimulus encoder, behavior (B, S, V) if it has a behaviour one.
             contrastive: also return the unit-norm contrastive embeddings.
         """
-        out, _, parts = self._next_token(batch, need_weights=False)
-        if not contrastive:
-            return out
+        f = self.features(x)
+        out = self.heads(f.hidden)
+        return self.contrastive_embeddings(x, f, out) if contrastive else out
+
+    def heads(self, hidden: torch.Tensor) -> ModelOutput:
+        """The ID and dt logits of hidden states (B, T, C) from ``features``."""
+        return ModelOutput(self.id_head(hidden), self.dt_head(hidden))
+
+    def contrastive_embeddings(self, x: NeuroformerInput, f: Features, out: ModelOutput) -> ModelOutput:
+        """``out`` with the unit-norm contrastive embeddings of the window's modalities."""
         # The current window's own spikes, encoded without the context, stand for the neural side.
-        keep = batch.ids != PAD
-        real = keep & (batch.target_ids != PAD)
-        neural = masked_mean(self.past_encoder(self.embed(batch.ids, batch.dts, self.current_pos), keep), real)
+        keep = x.ids != PAD
+        neural = masked_mean(self.past_encoder(self.embed(x.ids, x.dts, self.current_pos), keep), keep)
         unit = lambda proj, h: F.normalize(proj(h), dim=-1)  # noqa: E731
         return out._replace(
             neural=unit(self.neural_proj, neural),
-            stimulus=unit(self.stimulus_proj, parts["stimulus"].mean(1)) if self.frames else None,
-            behavior=unit(self.behavior_proj, parts["behavior"].mean(1)) if self.behavior else None,
+            stimulus=unit(self.stimulus_proj, f.parts["stimulus"].mean(1)) if self.frames else None,
+            behavior=unit(self.behavior_proj, masked_mean(f.parts["behavior"], ~x.behavior.isnan().any(-1)))
+            if self.behavior else None,
         )
 
-    def forward_with_attention(self, batch) -> tuple[ModelOutput, list[torch.Tensor]]:
-        """``forward(batch)`` plus every decoder block's cross-attention probabilities.
+    def forward_with_attention(self, x: NeuroformerInput) -> tuple[ModelOutput, list[torch.Tensor]]:
+        """``forward(x)`` plus every decoder block's cross-attention probabilities.
 
         Returns:
             the outputs, and per block a (B, h, T, N) tensor: how much each current position
@@ -380,31 +452,16 @@ class Neuroformer(nn.Module):
             the P past-window tokens first, then stimulus patches, then behaviour samples. The
             tensors are part of the autograd graph (for attention x gradient).
         """
-        out, weights, _ = self._next_token(batch, need_weights=True)
-        return out, weights
+        f = self.features(x, need_weights=True)
+        return self.heads(f.hidden), f.attention
 
-    def _next_token(self, batch, need_weights: bool) -> tuple[ModelOutput, list[torch.Tensor], dict]:
-        """Logits at every current position, cross-attention weights if asked, context parts."""
-        context, keep_ctx, parts = self.encode_context(batch)
-        ids, T = batch.ids, batch.ids.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        self_mask = causal[None, None] & (ids != PAD)[:, None, None, :]  # (B, 1, T, T)
-        cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
-        x = self.embed(ids, batch.dts, self.current_pos)
-        weights = []
-        for block in self.blocks:
-            x, _, w = block(x, self_mask, block.cross_attn.keys_values(context), cross_mask, need_weights=need_weights)
-            weights.append(w)
-        x = self.ln_f(x)
-        return ModelOutput(self.id_head(x), self.dt_head(x)), weights if need_weights else [], parts
-
-    def start_decoding(self, batch) -> DecoderCache:
+    def start_decoding(self, x: NeuroformerInput) -> DecoderCache:
         """Encode a batch's context once and cache its cross-attention keys/values in every block.
 
-        Only the context fields of ``batch`` are read (past tokens, frames, behaviour); feed the
+        Only the context fields of ``x`` are read (past tokens, frames, behaviour); feed the
         current window's tokens with ``decode_step``.
         """
-        context, keep_ctx, _ = self.encode_context(batch)
+        context, keep_ctx, _ = self.encode_context(x)
         return DecoderCache(
             cross_kv=[block.cross_attn.keys_values(context) for block in self.blocks],
             cross_mask=keep_ctx[:, None, None, :],
@@ -442,11 +499,16 @@ class Neuroformer(nn.Module):
         cache.keep = keep
         return self.id_head(x), self.dt_head(x)
 
-    def losses(self, out: ModelOutput, batch) -> dict[str, torch.Tensor]:
-        """Mean token cross-entropies (PAD targets ignored) and the contrastive loss, if any."""
+    def losses(self, out: ModelOutput, target_ids: torch.Tensor, target_dts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mean token cross-entropies (PAD targets ignored) and the contrastive loss, if any.
+
+        Args:
+            out: the forward pass's outputs.
+            target_ids, target_dts: (B, T) next-token targets ``[s1..sn, EOS, PAD..]``.
+        """
         losses = {
-            "id_ce": F.cross_entropy(out.id_logits.flatten(0, 1), batch.target_ids.flatten(), ignore_index=PAD),
-            "dt_ce": F.cross_entropy(out.dt_logits.flatten(0, 1), batch.target_dts.flatten(), ignore_index=PAD),
+            "id_ce": F.cross_entropy(out.id_logits.flatten(0, 1), target_ids.flatten(), ignore_index=PAD),
+            "dt_ce": F.cross_entropy(out.dt_logits.flatten(0, 1), target_dts.flatten(), ignore_index=PAD),
         }
         pairs = [m for m in (out.stimulus, out.behavior) if m is not None]
         if out.neural is not None and pairs and out.neural.shape[0] > 1:

@@ -24,24 +24,33 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import R2Score
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from neuroformer import plots
 from neuroformer.data.dataset import Batch, InputSpec
 from neuroformer.data.targets import IGNORE
 from neuroformer.data.tokenizer import PAD
 from neuroformer.data.vocabulary import UnitVocabulary
-from neuroformer import plots
+from neuroformer.errors import ConfigError
 from neuroformer.metrics.behavior import behavior_metrics, behavior_scores
-from neuroformer.models.heads import BehaviorHead, model_inputs, window_features
+from neuroformer.metrics.circular import angle_of, circular_correlation, circular_mae_degrees
+from neuroformer.models.heads import BehaviorHead, window_features
 from neuroformer.models.neuroformer import Neuroformer
-from neuroformer.models.transfer import ID_ROWS, new_id_rows
-from neuroformer.tasks.base import SPLITS, NeuroformerTask
+from neuroformer.models.transfer import ID_ROWS, extend_vocabulary, new_id_rows
+from neuroformer.registry import load
+from neuroformer.registry.tracking import tracking_uri, use_tracking_uri
+from neuroformer.tasks.base import SPLITS
+from neuroformer.tasks.pretrain import NeuroformerTask
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +70,9 @@ def parse_stages(stages: list[dict] | None) -> list[Stage]:
     parsed = [Stage(str(s["train"]), s.get("steps")) for s in (stages or [{"train": "all"}])]
     for i, stage in enumerate(parsed):
         if stage.train not in TRAINABLE:
-            raise ValueError(f"task.stages[{i}].train must be one of {TRAINABLE}; got {stage.train!r}")
+            raise ConfigError(f"task.stages[{i}].train must be one of {TRAINABLE}; got {stage.train!r}")
         if stage.steps is None and i < len(parsed) - 1:
-            raise ValueError(f"task.stages[{i}] needs steps: only the last stage may run until the end")
+            raise ConfigError(f"task.stages[{i}] needs steps: only the last stage may run until the end")
     return parsed
 
 
@@ -108,7 +117,7 @@ class FinetuneTask(NeuroformerTask):
         super().__init__()
         self._stage: str | None = None  # the parameter set training now (set per step)
         if pretrained and pretrained_vocab is None:
-            raise ValueError("pretrained needs pretrained_vocab (the pretrained model's spec.vocab); train() "
+            raise ConfigError("pretrained needs pretrained_vocab (the pretrained model's spec.vocab); train() "
                              "passes it when task.pretrained is set")
         self.model, self.spec, self.target = model, spec, spec.target
         self.head = BehaviorHead(model.config.n_embd, self.target.n_outputs, head_hidden, head_dropout) \
@@ -117,7 +126,7 @@ class FinetuneTask(NeuroformerTask):
         self.n_known_ids = pretrained_vocab.size if self.from_pretrained else 0
         self.loss_weights = dict(loss_weights or ({"behavior": 1.0} if self.target else {"id_ce": 1.0, "dt_ce": 1.0}))
         if self.loss_weights.get("behavior", 0) and self.target is None:
-            raise ValueError("loss_weights.behavior > 0 but the data has no behaviour target (set data.target)")
+            raise ConfigError("task.loss_weights.behavior > 0 but the data has no behaviour target (set data.target)")
         self.stages = parse_stages(stages) if self.from_pretrained else [Stage("all")]
         self._check_stages(stages)
         self.save_hyperparameters(ignore=["model", "spec", "pretrained_vocab"])
@@ -130,9 +139,11 @@ class FinetuneTask(NeuroformerTask):
     def _check_stages(self, requested: list[dict] | None) -> None:
         names = {s.train for s in self.stages}
         if "heads" in names and self.head is None:
-            raise ValueError("stage 'heads' trains the behaviour head, but the data has no behaviour target")
+            raise ConfigError("task.stages: stage 'heads' trains the behaviour head, but the data has no behaviour "
+                              "target (set data.target)")
         if "new_units" in names and self.spec.vocab.size == self.n_known_ids:
-            raise ValueError("stage 'new_units': the data has no unit the pretrained model does not already know")
+            raise ConfigError("task.stages: stage 'new_units': the data has no unit the pretrained model does not "
+                              "already know")
         if not self.from_pretrained and requested and any(s["train"] != "all" for s in requested):
             log.info("No pretrained model: training every parameter from scratch (task.stages ignored)")
 
@@ -186,6 +197,9 @@ class FinetuneTask(NeuroformerTask):
                 self.scores[f"{s}_score"] = behavior_metrics(self.target.n_outputs)
                 # The training mean is 0 after standardisation: the constant baseline to beat.
                 self.scores[f"{s}_train_mean"] = R2Score(multioutput="raw_values")
+            elif self.target.kind == "circular":
+                # Angles need every pair at once (circular correlation): predicted and true vectors.
+                self.scores[f"{s}_pred"], self.scores[f"{s}_true"] = CatMetric(), CatMetric()
             else:
                 self.scores[f"{s}_score"] = MulticlassAccuracy(self.target.n_outputs, average="micro",
                                                                ignore_index=IGNORE)
@@ -193,32 +207,47 @@ class FinetuneTask(NeuroformerTask):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Behaviour predictions (B, n_outputs): standardised values or class logits."""
         if self.head is None:
-            raise ValueError("this task has no behaviour head (the data has no target); use task.model for logits")
-        return self.head(window_features(self.model, batch)[1])
+            raise ConfigError("this task has no behaviour head (the data has no target); use task.model for logits")
+        return self.head(window_features(self.model, batch.inputs)[1])
+
+    def _labelled(self, target: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the windows that carry a label (NaN or -1: the behaviour was not recorded)."""
+        return target != IGNORE if self.target.kind == "classification" else target.isfinite().all(-1)
 
     def _behavior_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.target.kind == "regression":
-            return F.mse_loss(pred, target)
-        if not (target != IGNORE).any():
+        """Regression: MSE on standardised values; circular: squared distance between the predicted
+        2-vector and the true unit vector (its direction is the angle); classes: cross-entropy.
+        Unlabelled windows are left out."""
+        labelled = self._labelled(target)
+        if not labelled.any():
             return pred.sum() * 0.0  # no labelled window in this batch
-        return F.cross_entropy(pred, target, ignore_index=IGNORE)
+        if self.target.kind == "classification":
+            return F.cross_entropy(pred[labelled], target[labelled])
+        return F.mse_loss(pred[labelled], target[labelled])
 
     def _update_scores(self, split: str, pred: torch.Tensor, target: torch.Tensor) -> None:
-        pred = pred.detach()
+        labelled = self._labelled(target)
+        pred, target = pred.detach()[labelled], target[labelled]
+        if not len(target):
+            return
         if self.target.kind == "classification":
             self.scores[f"{split}_score"].update(pred, target)
+            return
+        if self.target.kind == "circular":
+            self.scores[f"{split}_pred"].update(pred)
+            self.scores[f"{split}_true"].update(target)
             return
         squeeze = (lambda t: t.squeeze(-1)) if pred.shape[-1] == 1 else (lambda t: t)  # noqa: E731
         self.scores[f"{split}_score"].update(squeeze(pred), squeeze(target))
         self.scores[f"{split}_train_mean"].update(squeeze(torch.zeros_like(pred)), squeeze(target))
 
-    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+    def step(self, batch: Batch, split: str) -> torch.Tensor:
         if self.head is not None:
-            out, features = window_features(self.model, batch)
+            out, features = window_features(self.model, batch.inputs)
             pred = self.head(features)
         else:
-            out, pred = self.model(model_inputs(batch)), None
-        losses = self.model.losses(out, batch)
+            out, pred = self.model(batch.inputs), None
+        losses = self.model.losses(out, batch.target_ids, batch.target_dts)
         if pred is not None:
             losses["behavior"] = self._behavior_loss(pred, batch.target_behavior)
             self._update_scores(split, pred, batch.target_behavior)
@@ -233,11 +262,14 @@ class FinetuneTask(NeuroformerTask):
                 metric = self.means[f"{split}_{key}"]
                 metric.update(value.detach(), weight=weight)
                 self.log(f"{split}/{key}", metric, on_step=False, on_epoch=True, batch_size=bs)
-        self._log_loss(split, loss, bs)
+        self.log_loss(split, loss, bs)
         return loss
 
     def _log_scores(self, split: str) -> None:
         if self.target is None:
+            return
+        if self.target.kind == "circular":
+            self._log_circular(split)
             return
         if self.target.kind == "classification":
             self.log(f"{split}/behavior_acc", self.scores[f"{split}_score"].compute())
@@ -249,6 +281,20 @@ class FinetuneTask(NeuroformerTask):
             self.scores[f"{split}_train_mean"].reset()
         self.scores[f"{split}_score"].reset()
 
+    def _log_circular(self, split: str) -> None:
+        """Circular mean absolute error (degrees) and circular correlation of the split's windows,
+        and the error of always predicting the training windows' circular mean angle."""
+        pred_metric, true_metric = self.scores[f"{split}_pred"], self.scores[f"{split}_true"]
+        if not pred_metric.update_count:
+            return
+        pred, true = (angle_of(m.compute().cpu().numpy().reshape(-1, 2)) for m in (pred_metric, true_metric))
+        self.log(f"{split}/behavior_circular_mae_deg", circular_mae_degrees(pred, true))
+        self.log(f"{split}/behavior_circular_r", circular_correlation(pred, true))
+        self.log(f"{split}/behavior_circular_mae_deg_train_mean",
+                 circular_mae_degrees(np.full_like(true, self.target.mean[0]), true))
+        pred_metric.reset()
+        true_metric.reset()
+
     def on_train_epoch_end(self) -> None:
         self._log_scores("train")
 
@@ -259,19 +305,27 @@ class FinetuneTask(NeuroformerTask):
         self._test_rows = []
 
     def figures(self) -> dict[str, Figure]:
-        """``behavior.png``: each regression target over this rank's test windows of the first
-        session, true vs predicted, in the variable's units (empty without a regression target)."""
-        if self.target is None or self.target.kind != "regression" or not self._test_rows:
+        """``behavior.png``: each regression or circular target over this rank's test windows of the
+        first session, true vs predicted, in the variable's units (angles without wrap artefacts)."""
+        if self.target is None or self.target.kind == "classification" or not self._test_rows:
             return {}
         t0, session, pred, true = (np.concatenate(c) for c in zip(*self._test_rows))
         keep = session == session.min()
         order = np.argsort(t0[keep])
-        mean, std = np.asarray(self.target.mean), np.asarray(self.target.std)
-        pred, true = pred[keep][order] * std + mean, true[keep][order] * std + mean
+        pred, true = (self.target.denormalise(v[keep][order]) for v in (pred, true))
         times = t0[keep][order] + self.spec.tokenizer.window / 2
+        if self.target.kind == "circular":
+            labelled = np.isfinite(true)
+            period = 360.0 if self.target.unit == "degrees" else 2 * np.pi
+            scale = np.pi / 180 if self.target.unit == "degrees" else 1.0
+            scores = {"circular MAE (deg)": circular_mae_degrees(pred[labelled] * scale, true[labelled] * scale),
+                      "circular r": circular_correlation(pred[labelled] * scale, true[labelled] * scale)}
+            fig = plots.behavior_trace(times, true, pred, self.target.names[0], scores, period=period)
+            return {"behavior.png": fig}
         fig = Figure(figsize=(11, 3.2 * len(self.target.names)), layout="constrained")
         for i, (ax, name) in enumerate(zip(np.atleast_1d(fig.subplots(len(self.target.names))), self.target.names)):
-            scores = behavior_scores(pred[:, i], true[:, i])
+            labelled = np.isfinite(true[:, i])
+            scores = behavior_scores(pred[labelled, i], true[labelled, i])
             plots.behavior_trace(times, true[:, i], pred[:, i], name,
                                  {"R^2": scores["r2/0"], "r": scores["pearson_r/0"]}, ax=ax)
         return {"behavior.png": fig}
@@ -296,13 +350,37 @@ class FinetuneTask(NeuroformerTask):
             head = list(self.head.parameters())
             groups += [{"params": [p for p in head if p.ndim > 1], "weight_decay": hp.weight_decay, "lr": hp.lr},
                        {"params": [p for p in head if p.ndim <= 1], "weight_decay": 0.0, "lr": hp.lr}]
-        return self._scheduled(torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas)))
+        return self.scheduled(torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas)), hp.warmup_steps,
+                              hp.min_lr_ratio)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Self-describing, like PretrainTask's: model config, data spec (with the target) and head.
-        checkpoint["neuroformer"] = {
-            "model_config": self.model.hparams(),
-            "spec": self.spec.to_dict(),
-            "head": self.head.config if self.head is not None else None,
-            "pretrained": self.hparams.pretrained,
-        }
+    def model_card(self) -> dict:
+        # The backbone's card, plus the behaviour head's settings and the model it started from.
+        return {**super().model_card(), "head": self.head.config if self.head is not None else None,
+                "pretrained": self.hparams.pretrained}
+
+    def report(self, metrics: dict[str, float]) -> list[str]:
+        lines = super().report(metrics)
+        if "test/behavior_r2" in metrics:
+            lines.append(f"Test behaviour R^2 {metrics['test/behavior_r2']:.4f} vs training mean "
+                         f"{metrics['test/behavior_r2_train_mean']:.4f}")
+        if "test/behavior_acc" in metrics:
+            lines.append(f"Test behaviour accuracy {metrics['test/behavior_acc']:.4f}")
+        return lines
+
+    @classmethod
+    def compose(cls, cfg: DictConfig) -> tuple[FinetuneTask, L.LightningDataModule]:
+        """With ``task.pretrained``: the registered model, its data spec imposed on the data module
+        (tokenizer, inputs, normalisation) and its unit vocabulary extended with the data's new units."""
+        uri = cfg.task.get("pretrained")
+        if not uri:
+            return super().compose(cfg)
+        log.info("Fine-tuning %s: its tokenizer, inputs and sizes replace data.* and model.* settings", uri)
+        store = OmegaConf.select(cfg, "logger.mlflow.store", default=f"{cfg.paths.output_root}/mlflow.db")
+        with use_tracking_uri(OmegaConf.select(cfg, "logger.mlflow.tracking") or tracking_uri(store)):
+            pretrained = load(uri, store)
+        datamodule = instantiate(cfg.data, _partial_=True, _convert_="all")(reference=pretrained.spec)
+        datamodule.setup()
+        model = extend_vocabulary(pretrained.model, pretrained.spec.vocab, datamodule.spec.vocab)
+        task = instantiate(cfg.task, _convert_="all")(model=model, spec=datamodule.spec,
+                                                       pretrained_vocab=pretrained.spec.vocab)
+        return task, datamodule

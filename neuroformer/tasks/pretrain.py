@@ -1,14 +1,89 @@
-"""LightningModule that pretrains a Neuroformer by next-token prediction (+ contrastive loss)."""
+"""The Neuroformer family: pretraining by next-token prediction (+ contrastive loss), and its
+``ModelFamily`` (rebuild, serve and evaluate a trained Neuroformer)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
 from neuroformer.data.dataset import Batch, InputSpec
-from neuroformer.data.tokenizer import PAD
-from neuroformer.models.neuroformer import Neuroformer
-from neuroformer.tasks.base import SPLITS, NeuroformerTask
+from neuroformer.data.tokenizer import PAD, SOS
+from neuroformer.inference.evaluation import EvaluationConfig
+from neuroformer.inference.evaluation import evaluate as evaluate_windows
+from neuroformer.metrics.baselines import unigram_cross_entropy
+from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig, NeuroformerInput
+from neuroformer.registry.families import LoadedModel, ModelFamily
+from neuroformer.tasks.base import SPLITS, Task
+
+
+class NeuroformerFamily(ModelFamily):
+    """Trained Neuroformers: token arrays in, next-token logits out; evaluated by their generations."""
+
+    name = "neuroformer"
+    evaluation_config = EvaluationConfig
+    headline_metrics = ("bits_per_spike", "psth_r_median", "spike_f1", "connectivity_auroc")
+
+    def model_config(self, model: Neuroformer) -> dict:
+        return asdict(model.config)
+
+    def build(self, model_config: dict) -> Neuroformer:
+        return Neuroformer(NeuroformerConfig(**model_config))
+
+    def spec_from_dict(self, d: dict) -> InputSpec:
+        return InputSpec.from_dict(d)
+
+    def example_inputs(self, loaded: LoadedModel) -> dict[str, np.ndarray]:
+        """Two windows with no spikes: ``[SOS, PAD...]`` tokens, zero frames and behaviour."""
+        cfg = loaded.model.config
+        tokens = lambda n: np.concatenate([np.full((2, 1), SOS), np.full((2, n - 1), PAD)], axis=1)  # noqa: E731
+        example = {"ids": tokens(cfg.block_size), "dts": tokens(cfg.block_size),
+                   "past_ids": tokens(cfg.past_block_size), "past_dts": tokens(cfg.past_block_size)}
+        if cfg.n_frames:
+            example["frames"] = np.zeros((2, cfg.n_frames, *cfg.frame_shape), np.float32)
+        if cfg.n_behavior:
+            example["behavior"] = np.zeros((2, cfg.behavior_steps, cfg.n_behavior), np.float32)
+        return example
+
+    def predict(self, model: Neuroformer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """{ids, dts (B, T), past_ids, past_dts (B, P)[, frames][, behavior]} -> {id_logits, dt_logits}."""
+        device = next(model.parameters()).device
+        x = NeuroformerInput(**{k: torch.as_tensor(np.asarray(v), device=device) for k, v in inputs.items()})
+        with torch.inference_mode():
+            out = model(x)
+        return {"id_logits": out.id_logits.cpu().numpy(), "dt_logits": out.dt_logits.cpu().numpy()}
+
+    def evaluate(self, loaded: LoadedModel, out: Path, settings: EvaluationConfig, recording=None) -> dict:
+        return evaluate_windows(loaded, recording if recording is not None else loaded.spec.source.read(), out,
+                                settings)
+
+
+class NeuroformerTask(Task):
+    """What the Neuroformer tasks (pretraining, fine-tuning) share: the family, and the unigram
+    baseline and headline of next-token prediction."""
+
+    family = "neuroformer"
+
+    def windows_in(self, batch: Batch) -> int:
+        return len(batch.t0)
+
+    def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
+        """Test metrics plus the unigram baseline: each unit's training frequency, on the same tokens."""
+        metrics = dict(results)
+        train_counts = datamodule.datasets["train"].target_counts()
+        test_counts = datamodule.datasets["test"].target_counts()
+        metrics["test/id_ce_unigram"] = unigram_cross_entropy(train_counts, test_counts)
+        metrics["test/id_ce_vs_unigram"] = metrics["test/id_ce"] / metrics["test/id_ce_unigram"] - 1
+        metrics["test/n_tokens"] = float(test_counts.sum())
+        return metrics
+
+    def report(self, metrics: dict[str, float]) -> list[str]:
+        return [f"Test ID cross-entropy {metrics['test/id_ce']:.4f} nats vs unigram baseline "
+                f"{metrics['test/id_ce_unigram']:.4f} ({100 * metrics['test/id_ce_vs_unigram']:+.1f}%)"]
 
 
 class PretrainTask(NeuroformerTask):
@@ -43,12 +118,12 @@ class PretrainTask(NeuroformerTask):
         )
 
     def forward(self, batch: Batch):
-        return self.model(batch)
+        return self.model(batch.inputs)
 
-    def _step(self, batch: Batch, split: str) -> torch.Tensor:
+    def step(self, batch: Batch, split: str) -> torch.Tensor:
         want_contrastive = self.loss_weights.get("contrastive", 0) > 0
-        out = self.model(batch, contrastive=want_contrastive)
-        losses = self.model.losses(out, batch)
+        out = self.model(batch.inputs, contrastive=want_contrastive)
+        losses = self.model.losses(out, batch.target_ids, batch.target_dts)
         loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in losses.items())
         real = batch.target_ids != PAD
         n = real.sum()
@@ -61,15 +136,10 @@ class PretrainTask(NeuroformerTask):
         if "contrastive" in losses:
             self.log(f"{split}/contrastive", losses["contrastive"].detach(), on_epoch=True, batch_size=bs,
                      sync_dist=True)
-        self._log_loss(split, loss, bs)
+        self.log_loss(split, loss, bs)
         return loss
 
     def configure_optimizers(self):
         hp = self.hparams
-        return self._scheduled(
-            torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Self-describing checkpoints: the model and its data spec can be rebuilt from the file alone.
-        checkpoint["neuroformer"] = {"model_config": self.model.hparams(), "spec": self.spec.to_dict()}
+        optimizer = torch.optim.AdamW(self.model.param_groups(hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        return self.scheduled(optimizer, hp.warmup_steps, hp.min_lr_ratio)

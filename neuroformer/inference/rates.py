@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from neuroformer.data.dataset import Batch, InputSpec, WindowDataset
+from neuroformer.data.dataset import InputSpec, WindowDataset, batches
 from neuroformer.data.recording import Recording
-from neuroformer.data.tokenizer import N_SPECIAL, SpikeTokenizer
+from neuroformer.data.tokenizer import N_SPECIAL, add_tokens
+from neuroformer.errors import ConfigError
 from neuroformer.inference.generate import (
     GeneratedWindows,
     SamplingConfig,
@@ -47,7 +47,7 @@ from neuroformer.inference.generate import (
     filter_logits,
     sample_windows,
 )
-from neuroformer.models.neuroformer import Neuroformer
+from neuroformer.models.neuroformer import Neuroformer, NeuroformerInput
 
 NEG_INF = float("-inf")
 log = logging.getLogger(__name__)
@@ -73,51 +73,6 @@ class RateEstimate(NamedTuple):
         return self.sample_rates.mean(axis=0, dtype=np.float64)
 
 
-def jackknife(statistic: Callable[[np.ndarray], float], sample_rates: np.ndarray) -> float:
-    """Jackknife bias correction of ``statistic(mean rate map)`` over the S per-sample maps.
-
-    A nonlinear statistic of a noisy mean is biased, by O(1/S): bits per spike takes the log of
-    the rates, so noise lowers it (Jensen). ``S f(mean) - (S - 1) * mean_i f(mean without sample i)``
-    cancels the 1/S term (Quenouille), leaving O(1/S^2).
-
-    Args:
-        statistic: maps a (B, n_bins, U) rate map to a number, e.g. ``lambda r: bits_per_spike(r, spikes)``.
-        sample_rates: (S, B, n_bins, U) per-sample rate maps, S >= 2.
-    """
-    S = len(sample_rates)
-    if S < 2:
-        raise ValueError(f"the jackknife needs at least 2 samples; got {S}")
-    total = sample_rates.sum(axis=0, dtype=np.float64)
-    leave_one_out = [statistic((total - r) / (S - 1)) for r in sample_rates]
-    return float(S * statistic(total / S) - (S - 1) * np.mean(leave_one_out))
-
-
-def _add_tokens(counts: np.ndarray, ids: np.ndarray, dts: np.ndarray, unit_of_token: np.ndarray) -> None:
-    """Add (B, L) token sequences into ``counts`` (B, n_bins, U); special tokens are skipped."""
-    rows, pos = np.nonzero((ids >= N_SPECIAL) & (dts >= N_SPECIAL))
-    np.add.at(counts, (rows, dts[rows, pos] - N_SPECIAL, unit_of_token[ids[rows, pos]]), 1)
-
-
-def bin_spikes(times: np.ndarray, units: np.ndarray, starts: np.ndarray, tokenizer: SpikeTokenizer,
-               n_units: int) -> np.ndarray:
-    """(B, n_bins, U) counts of the spikes in each window ``[t0, t0 + window)``, every spike kept.
-
-    The bins are the tokenizer's dt bins (the same rule as its ``encode``), so these counts
-    line up with generated ones; unlike model input, no spike is dropped for lack of room.
-
-    Args:
-        times: (n,) sorted spike times, seconds. units: (n,) unit (0..n_units-1) of each spike.
-        starts: (B,) window starts, seconds.
-    """
-    starts = np.asarray(starts, dtype=np.float64)
-    tok = tokenizer
-    n_in = np.searchsorted(times, starts + tok.window) - np.searchsorted(times, starts)
-    enc = tok.encode(times, units, starts, tok.window, max(1, int(n_in.max(initial=0))))
-    counts = np.zeros((len(starts), tok.n_bins, n_units), dtype=np.int64)
-    _add_tokens(counts, enc.ids, enc.dts, np.arange(n_units + N_SPECIAL) - N_SPECIAL)
-    return counts
-
-
 def pair_probabilities(id_logits: torch.Tensor, dt_logits: torch.Tensor, last_id: torch.Tensor,
                        last_bin: torch.Tensor, n_bins: int, allowed: torch.Tensor, sampling: SamplingConfig
                        ) -> torch.Tensor:
@@ -139,10 +94,10 @@ def pair_probabilities(id_logits: torch.Tensor, dt_logits: torch.Tensor, last_id
     return p_dt[..., None] * torch.where(same, p_same[:, None], p_later[:, None])
 
 
-def _expected_pairs(model: Neuroformer, batch: Batch, gen: GeneratedWindows, n_bins: int,
+def _expected_pairs(model: Neuroformer, x: NeuroformerInput, gen: GeneratedWindows, n_bins: int,
                     sampling: SamplingConfig, allowed: torch.Tensor) -> torch.Tensor:
     """(R, n_bins, V_id): per row, the sum over live steps of P(next pair = (bin, ID) | sampled prefix)."""
-    out = model(batch._replace(ids=gen.ids, dts=gen.dts))  # position t predicts token t + 1
+    out = model(x._replace(ids=gen.ids, dts=gen.dts))  # position t predicts token t + 1
     R, T = gen.ids.shape
     live = torch.arange(T - 1, device=gen.ids.device)[None] < (gen.counts + gen.ended)[:, None]  # steps run
     total = torch.zeros(R, n_bins, out.id_logits.shape[-1], device=gen.ids.device)
@@ -184,9 +139,9 @@ def expected_counts(
         batch_size: windows per model call (each repeated S times).
     """
     if sampling.temperature <= 0:
-        raise ValueError("rates need a stochastic sampler: temperature must be > 0 (0 is greedy decoding)")
+        raise ConfigError("rates need a stochastic sampler: temperature must be > 0 (0 is greedy decoding)")
     if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1; got {n_samples}")
+        raise ConfigError(f"n_samples must be >= 1; got {n_samples}")
     tok = spec.tokenizer
     starts = np.asarray(starts, dtype=np.float64)
     device = next(model.parameters()).device
@@ -201,17 +156,14 @@ def expected_counts(
     sample_rates = np.zeros((B, S, nb, U), dtype=np.float32)
     samples = np.zeros((B * S, nb, U), dtype=np.int16)
     began, report = time.perf_counter(), max(1, B // 10)
-    for lo in range(0, B, batch_size):
+    for lo, batch in zip(range(0, B, batch_size), batches(dataset, batch_size, device)):
         if lo and lo // report != (lo - batch_size) // report:
             log.info("rates: %d/%d windows, %.0f s", lo, B, time.perf_counter() - began)
-        rows = np.arange(lo, min(lo + batch_size, B))
-        batch = dataset.__getitems__(rows.tolist())
-        # Row b * S + s is sample s of window b.
-        batch = Batch(*(x.repeat_interleave(S, dim=0).to(device) if isinstance(x, torch.Tensor) else x
-                        for x in batch))
-        gen = sample_windows(model, batch, nb, sampling, generator, unit_tokens)
-        expected = _expected_pairs(model, batch, gen, nb, sampling, allowed)[..., unit_tokens]  # (R, nb, U)
+        rows = np.arange(lo, lo + len(batch.t0))
+        x = batch.inputs.repeat_interleave(S)  # row b * S + s is sample s of window b
+        gen = sample_windows(model, x, nb, sampling, generator, unit_tokens)
+        expected = _expected_pairs(model, x, gen, nb, sampling, allowed)[..., unit_tokens]  # (R, nb, U)
         sample_rates[rows] = expected.reshape(len(rows), S, nb, U).cpu().numpy()
-        _add_tokens(samples[rows[0] * S : (rows[-1] + 1) * S], gen.ids.cpu().numpy(), gen.dts.cpu().numpy(),
+        add_tokens(samples[rows[0] * S : (rows[-1] + 1) * S], gen.ids.cpu().numpy(), gen.dts.cpu().numpy(),
                     unit_of_token)
     return RateEstimate(sample_rates.transpose(1, 0, 2, 3), samples.reshape(B, S, nb, U).transpose(1, 0, 2, 3), starts)

@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from neuroformer.distributed.slurm import SlurmJob
+from neuroformer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class Preemption(Callback):
             self.requeue_signal = signal.Signals[requeue_signal if requeue_signal.startswith("SIG") else
                                                  f"SIG{requeue_signal}"]
         except KeyError:
-            raise ValueError(f"Preemption: requeue_signal {requeue_signal!r} is not a signal name (e.g. SIGUSR1)") from None
+            raise ConfigError(f"slurm.requeue_signal: requeue_signal {requeue_signal!r} is not a signal name (e.g. SIGUSR1)") from None
         self._requested = False
         self._previous_handler: signal.Handlers | None = None
 

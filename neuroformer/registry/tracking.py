@@ -6,10 +6,12 @@ requeued SLURM job, which reuses its run folder, continues the same MLflow run.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from neuroformer.distributed.slurm import SlurmJob
+from neuroformer.files import write_text
 
 
 def tracking_uri(default_store: str | Path) -> str:
@@ -91,6 +94,31 @@ def mlflow_logger(experiment_name: str, store: str, artifact_root: str, run_name
     return logger
 
 
+def log_run_config(logger: MLFlowLogger, params: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Log a run's flat config as MLflow params; a continued run logs only what is new.
+
+    MLflow refuses to change a param once logged. A run continued with changed settings (a
+    restart in the same run folder with, say, more epochs) records each change as a tag
+    ``config_change/<key>`` = ``"old -> new"`` and all of them in an artifact
+    ``config_changes/<time>.json``.
+
+    Returns:
+        the changed settings, ``{key: (old, new)}``.
+    """
+    client, run_id = logger.experiment, logger.run_id
+    logged = client.get_run(run_id).data.params
+    changes = {k: (logged[k], v) for k, v in params.items() if k in logged and logged[k] != v}
+    logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
+    if changes:
+        for key, (old, new) in changes.items():
+            client.set_tag(run_id, f"config_change/{key}", f"{old} -> {new}"[:5000])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+            path.write_text(json.dumps({k: {"old": old, "new": new} for k, (old, new) in changes.items()}, indent=1))
+            client.log_artifact(run_id, str(path), "config_changes")
+    return changes
+
+
 def _check_run_exists(uri: str, run_id: str, remembered: Path) -> None:
     """Refuse to continue a remembered run that this tracking store does not have."""
     try:
@@ -119,10 +147,7 @@ def _remember_run(logger: MLFlowLogger, path: Path) -> None:
     """Start the run now and write its id to ``path`` (atomically), so a restart continues it."""
     run_id = logger.run_id  # creates the run on first access
     if not path.exists() or path.read_text().strip() != run_id:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text(path, run_id + "\n")
     if job := SlurmJob.from_env():
         logger.experiment.set_tag(run_id, "slurm.restart_count", str(job.restart_count))
 
