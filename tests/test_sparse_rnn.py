@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +263,65 @@ def _true_rate_loss(dm: TrialDataModule, batch) -> float:
     units = [rec.units.names.index(n) for n in dm.spec.recorded]
     expected = torch.from_numpy(rates[batch.trial.numpy()][..., units] * dm.spec.bin_size)
     return poisson_loss(expected.log(), batch.counts, torch.ones(len(units)), 0.0).item()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_fast_dev_run_of_the_experiment_through_train(reach_path, tmp_path):
+    from neuroformer.training import train
+    from tests.configs import compose
+
+    cfg = compose(["experiment=sparse_rnn", "debug=fast_dev_run", f"data.paths=[{reach_path}]", "model.hidden=16"],
+                  tmp_path)
+    value = train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert np.isfinite(value) and metrics["test/output_r2"] == value
+    for key in ("test/output_loss", "test/activity_loss", "test/output_r2_nearest_condition", "test/output_r2_ceiling"):
+        assert np.isfinite(metrics[key]), key
+
+
+def test_a_short_run_registers_evaluates_and_loads_back(reach_path, tmp_path):
+    import mlflow
+
+    from neuroformer import registry
+    from neuroformer.data.trials import trial_data
+    from neuroformer.evaluate import evaluate
+    from neuroformer.registry.tracking import use_tracking_uri
+    from neuroformer.tasks.sparse_rnn import SparseRNNEvaluation
+    from neuroformer.training import train
+    from tests.configs import compose
+
+    cfg = compose(["experiment=sparse_rnn", f"data.paths=[{reach_path}]", "model.hidden=24", "trainer.max_epochs=4",
+                   "trainer.check_val_every_n_epoch=2", "data.record_fraction=0.2", "registry.model_name=rnn-test",
+                   "registry.alias=champion"], tmp_path)
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_uri"] == "models:/rnn-test/1"
+    with use_tracking_uri(metrics["mlflow_tracking_uri"]):
+        loaded = registry.load("models:/rnn-test@champion")
+        pyfunc = mlflow.pyfunc.load_model("models:/rnn-test/1")
+    checkpoint = registry.load(metrics["best_checkpoint"])
+    assert loaded.family == checkpoint.family == "sparse_rnn" and loaded.spec == checkpoint.spec
+    assert loaded.spec.n_recorded == 6 and loaded.spec.source.files == (str(reach_path.resolve()),)
+
+    rec = read_nwb(reach_path)
+    inputs = trial_data(rec, loaded.spec).inputs[:4]
+    with torch.no_grad():
+        got, expected = loaded.model(torch.from_numpy(inputs)), checkpoint.model(torch.from_numpy(inputs))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    served = pyfunc.predict({"inputs": inputs})
+    np.testing.assert_allclose(served["outputs"], got.outputs.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(served["log_rates"], got.log_rates.numpy(), rtol=1e-6, atol=1e-6)
+
+    # The run evaluated the registered model; evaluating it again gives the same numbers, and the
+    # held-out output R^2 of the evaluation is the test metric of the run (the same trials).
+    evaluation = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert evaluation["model"] == "models:/rnn-test/1" and evaluation["plots"] == ["trajectories.png"]
+    again = evaluate(loaded, tmp_path / "again", SparseRNNEvaluation(**cfg.evaluate), rec)["metrics"]
+    for key in ("dynamics_cca", "dynamics_cka", "unrecorded_r2", "dynamics_cca_random", "output_r2"):
+        assert np.isfinite(again[key]) and evaluation["metrics"][key] == pytest.approx(again[key], rel=1e-9), key
+    assert evaluation["metrics"]["output_r2"] == pytest.approx(metrics["test/output_r2"], rel=1e-5)
+    assert evaluation["metrics"]["n_unrecorded"] == SMALL.n_units - 6

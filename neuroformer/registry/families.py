@@ -31,6 +31,7 @@ CARD_KEY = "neuroformer"  # where a training checkpoint keeps its model card (Ta
 # Family name -> "module:class" of its ModelFamily, imported on first use.
 FAMILIES: dict[str, str] = {
     "neuroformer": "neuroformer.tasks.pretrain:NeuroformerFamily",
+    "sparse_rnn": "neuroformer.tasks.sparse_rnn:SparseRNNFamily",
 }
 
 

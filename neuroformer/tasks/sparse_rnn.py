@@ -37,7 +37,6 @@ from neuroformer.data.recording import Recording
 from neuroformer.data.simulate_reaching import load_reaching_truth
 from neuroformer.data.trials import TrialBatch, TrialData, TrialSpec, trial_data
 from neuroformer.errors import RecordingError
-from neuroformer.files import write_json
 from neuroformer.metrics.behavior import behavior_scores
 from neuroformer.metrics.dynamics import cca_similarity, linear_cka, principal_components, ridge_r2
 from neuroformer.models.rnn import RateRNN, RNNConfig, RNNOutput
@@ -195,10 +194,10 @@ def _trajectory_figure(reference: np.ndarray, students: dict[str, np.ndarray], b
 
 
 def evaluate_student(loaded: LoadedModel, rec: Recording, out: Path, settings: SparseRNNEvaluation) -> dict:
-    """Score a trained student against the full reference population; write metrics and figure.
+    """Score a trained student against the full reference population; save the trajectory figure.
 
-    Returns ``{"metrics": {...}, "plots": [...], "model": uri, "reference": what it was
-    compared with}``; the same is written to ``out/metrics.json``.
+    Returns ``{"metrics": {name: float}, "settings": {"reference": what it was compared with}}``
+    (``neuroformer.evaluate.evaluate`` writes them to ``out/metrics.json``).
     """
     spec: TrialSpec = loaded.spec
     data = trial_data(rec, spec)
@@ -232,9 +231,7 @@ def evaluate_student(loaded: LoadedModel, rec: Recording, out: Path, settings: S
     fig = _trajectory_figure(y, {k: v[:, bins] for k, v in states.items()}, spec.bin_times()[bins], held_out,
                              labels, settings.n_components)
     plots.save(fig, Path(out) / "trajectories.png")
-    summary = {"model": loaded.uri, "reference": what, "metrics": metrics, "plots": ["trajectories.png"]}
-    write_json(Path(out) / "metrics.json", summary)
-    return summary
+    return {"metrics": metrics, "settings": {"reference": what}}
 
 
 # --------------------------------------------------------------------------- the family
