@@ -206,10 +206,12 @@ def evaluate_student(loaded: LoadedModel, rec: Recording, out: Path, settings: S
     untrained = family.build(family.model_config(loaded.model)).to(next(loaded.model.parameters()).device).eval()
     reference, what = reference_population(rec, spec, settings.smooth)
     ref = condition_means(reference, data.condition)
-    states = {"student": condition_means(run(loaded.model, data.inputs).states, data.condition),
+    student = run(loaded.model, data.inputs)
+    states = {"student": condition_means(student.states, data.condition),
               "untrained RNN": condition_means(run(untrained, data.inputs).states, data.condition)}
     present = np.unique(data.condition)
-    held_out = np.isin(np.asarray(spec.conditions, dtype=object)[present], np.asarray(spec.test_conditions, dtype=object))
+    test_conditions = np.flatnonzero([c in spec.test_conditions for c in spec.conditions])
+    held_out = np.isin(present, test_conditions)
     recorded = set(spec.recorded)
     unrecorded = [i for i, name in enumerate(rec.units.names) if name not in recorded]
 
@@ -221,10 +223,8 @@ def evaluate_student(loaded: LoadedModel, rec: Recording, out: Path, settings: S
         metrics[f"dynamics_cka{suffix}"] = linear_cka(x, y)
         metrics[f"dynamics_cca_held_out{suffix}"] = cca_similarity(x[held_out], y[held_out], settings.n_components)
         metrics[f"unrecorded_r2{suffix}"] = float(np.nanmean(ridge_r2(x, y[..., unrecorded], settings.ridge)))
-    test = np.isin(data.condition, np.flatnonzero(np.isin(np.asarray(spec.conditions, dtype=object),
-                                                           np.asarray(spec.test_conditions, dtype=object))))
-    metrics.update(output_scores(run(loaded.model, data.inputs[test]).outputs, data.subset(test),
-                                 data.subset(~test)))
+    test = np.isin(data.condition, test_conditions)
+    metrics.update(output_scores(student.outputs[test], data.subset(test), data.subset(~test)))
     metrics["n_recorded"], metrics["n_unrecorded"] = float(spec.n_recorded), float(len(unrecorded))
 
     labels = [str(spec.conditions[c]) for c in present]
@@ -342,9 +342,14 @@ class SparseRNNTask(Task):
         return self.scheduled(optimizer, hp.warmup_steps, hp.min_lr_ratio)
 
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
-        """Test losses plus output R^2 on the held-out conditions, its baseline and its ceiling."""
-        test, train = datamodule.data["test"], datamodule.data["train"]
-        scores = output_scores(run(self.model.eval(), test.inputs).outputs, test, train)
+        """Test losses plus output R^2 on the held-out conditions, its baseline and its ceiling.
+
+        The baseline's condition means use every trial of the training conditions (validation
+        trials too), as ``evaluate`` does: the same numbers in metrics.json and the evaluation.
+        """
+        test, seen = datamodule.data["test"], TrialData(*map(np.concatenate, zip(datamodule.data["train"],
+                                                                                  datamodule.data["val"])))
+        scores = output_scores(run(self.model.eval(), test.inputs).outputs, test, seen)
         return {**results, **{f"test/{k}": v for k, v in scores.items()}}
 
     def report(self, metrics: dict[str, float]) -> list[str]:
