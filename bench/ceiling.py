@@ -41,9 +41,10 @@ from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
-from neuroformer.inference.connectivity import cross_correlation_influence, score_links
+from neuroformer.inference.connectivity import cross_correlation_influence
+from neuroformer.metrics.links import score_links
 from neuroformer.metrics.bootstrap import bits_per_spike_interval, paired_interval
-from neuroformer.metrics.rates import bin_spikes
+from neuroformer.data.tokenizer import bin_spikes
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

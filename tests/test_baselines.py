@@ -27,9 +27,10 @@ from neuroformer.data.simulate import (
 from neuroformer.data.splits import SplitSpec, window_starts
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
-from neuroformer.inference.connectivity import cross_correlation_influence, score_links
+from neuroformer.inference.connectivity import cross_correlation_influence
+from neuroformer.metrics.links import score_links
 from neuroformer.metrics.nlb import bits_per_spike
-from neuroformer.metrics.rates import bin_spikes
+from neuroformer.data.tokenizer import bin_spikes
 
 TOK = SpikeTokenizer()
 SPLIT = SplitSpec(seed=42)

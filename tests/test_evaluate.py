@@ -45,6 +45,9 @@ def trained(tmp_path_factory, small_sim_path):
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "MLFLOW_TRACKING_URI": uri})
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        # A quiet run: the registered model has a signature and input example, its pyfunc is code.
+        for noise in ("An input example was not provided", "Add type hints", "CloudPickle", "Downloading artifacts"):
+            assert noise not in done.stderr, noise
         with pytest.MonkeyPatch.context() as env:
             env.setenv("MLFLOW_TRACKING_URI", uri)
             yield tmp / "run", uri

@@ -47,7 +47,7 @@ from neuroformer.data.recording import FrameSeries, Intervals, Recording
 from neuroformer.data.splits import SplitSpec
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
-from neuroformer.metrics.rates import bin_spikes
+from neuroformer.data.tokenizer import bin_spikes
 
 log = logging.getLogger(__name__)
 MAX_ETA = 20.0  # log-rate cap while fitting: a line search's wild step must not overflow
@@ -111,11 +111,9 @@ def history_basis(n_lags: int) -> np.ndarray:
 
 
 def split_spans(rec: Recording, split: SplitSpec, name: str, restrict_to: Intervals | None = None) -> np.ndarray:
-    """(n, 2) [start, stop) seconds of the blocks of ``split`` assigned to ``name`` (``splits.window_starts``'s
-    equal-block cut), intersected with ``restrict_to``'s intervals if given."""
-    edges = np.linspace(rec.start, rec.stop, split.n_blocks + 1)
-    mine = split.assign() == name
-    spans = np.stack([edges[:-1][mine], edges[1:][mine]], axis=1)
+    """(n, 2) [start, stop) seconds of the blocks of ``split`` assigned to ``name`` (``SplitSpec.blocks``),
+    intersected with ``restrict_to``'s intervals if given."""
+    spans = np.stack(split.blocks(rec.start, rec.stop, name), axis=1)
     if restrict_to is None or not len(restrict_to):
         return spans
     lo = np.maximum(spans[:, None, 0], restrict_to.start[None])
@@ -150,7 +148,7 @@ class _Features:
         if self.names:
             if stats is None or "behavior_mean" not in stats:
                 raw = self._raw_behavior(fit_times)
-                stats = {**(stats or {}), "behavior_mean": raw.mean(0), "behavior_std": raw.std(0) + 1e-6}
+                stats = {**(stats or {}), "behavior_mean": np.nanmean(raw, 0), "behavior_std": np.nanstd(raw, 0) + 1e-6}
         self.stats = stats or {}
 
     @property
@@ -165,11 +163,12 @@ class _Features:
         return np.concatenate([self.rec.behavior[n].at(times) for n in self.names], axis=1).astype(np.float32)
 
     def behavior(self, times: np.ndarray) -> np.ndarray:
-        """(n, V) z-scored behaviour at ``times`` (V = 0 without behaviour)."""
+        """(n, V) z-scored behaviour at ``times`` (V = 0 without behaviour); 0 (the mean) where the
+        behaviour was not recorded: a GLM has no notion of a missing input."""
         if not self.names:
             return np.zeros((len(times), 0), np.float32)
         z = (self._raw_behavior(times) - self.stats["behavior_mean"]) / self.stats["behavior_std"]
-        return z.astype(np.float32)
+        return np.nan_to_num(z, nan=0.0).astype(np.float32)
 
 
 def _downsample(frames: FrameSeries, size: int) -> np.ndarray:
