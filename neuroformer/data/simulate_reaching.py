@@ -27,7 +27,6 @@ Run ``python -m neuroformer.data.simulate_reaching --out reaching.nwb`` (see ``-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
