@@ -20,13 +20,13 @@ from neuroformer.evaluate import evaluate
 from neuroformer.inference.evaluation import EvaluationConfig
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 from neuroformer.training import train
-from tests.configs import EXPERIMENTS, compose
+from tests.configs import NEUROFORMER_EXPERIMENTS, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.n_embd=32", "model.n_head=2", "model.n_layer=1", "model.patch=[1,8,8]"]
 
 
-@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+@pytest.mark.parametrize("experiment", [None, *NEUROFORMER_EXPERIMENTS])
 def test_fast_dev_run_of_every_experiment(experiment, small_sim_path, tmp_path):
     overrides = ["debug=fast_dev_run", *TINY_MODEL] + ([f"experiment={experiment}"] if experiment else [])
     cfg = compose(overrides, tmp_path, sim_path=small_sim_path)
