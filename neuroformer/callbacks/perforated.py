@@ -222,11 +222,11 @@ class Perforated(Callback):
             return
         objective, corr, n = 0.0, 0.0, 0
         for layer in dn.dendrite_layers(pl_module.model).values():
-            pairs = [(a, y.grad) for a, y in layer.trace or [] if y.grad is not None]
+            pairs = [(x, y.grad) for x, y in layer.trace or [] if y.grad is not None]
             layer.trace = None
             if not pairs:
                 continue  # this layer's output does not reach the loss
-            a = torch.cat([dn.samples(a, layer.conv) for a, _ in pairs]).float()
+            a = torch.cat([dn.samples(layer.activations(x)[-1], layer.conv) for x, _ in pairs]).float()
             e = torch.cat([dn.samples(g, layer.conv) for _, g in pairs]).float()
             e = e / e.std().clamp_min(1e-30)  # the loss's scale does not matter, only the error's pattern
             objective = objective + dn.correlation_objective(a, e)
@@ -241,7 +241,7 @@ class Perforated(Callback):
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
-        self._score_sum += float(objective)
+        self._score_sum += objective.item()
         self._corr_sum += corr / n
         self._batches += 1
 
@@ -342,11 +342,13 @@ class Perforated(Callback):
             pts = [(h["epoch"], h["value"]) for h in self.history if h["phase"] == phase]
             if pts:
                 ax.scatter(*zip(*pts), s=14, color=color, label=f"{phase} learning", zorder=2)
-        for k, e in enumerate(self.events):
-            color = "tab:green" if "added" in e["event"] else "tab:red" if "revert" in e["event"] else "0.3"
-            ax.axvline(e["epoch"] + 0.5, color=color, ls="--", lw=1)
-            ax.text(e["epoch"] + 0.6, 0.98 - 0.07 * (k % 6), e["event"][:40], transform=ax.get_xaxis_transform(),
-                    fontsize=7, va="top", color=color)
+        # Each change between the epoch it was decided in and the next.
+        kinds = (("added", "tab:green", "--", "dendrite set added"), ("frozen", "0.5", ":", "dendrite inputs frozen"),
+                 ("reverted", "tab:red", "--", "reverted to the best state"), ("done", "black", "-", "stopped"))
+        for key, color, style, label in kinds:
+            at = [e["epoch"] + 0.5 for e in self.events if key in e["event"]]
+            for k, x in enumerate(at):
+                ax.axvline(x, color=color, ls=style, lw=1, label=label if k == 0 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel(self.monitor)
         ax.set_title(f"Perforated backpropagation ({self.method}): validation {self.monitor}")

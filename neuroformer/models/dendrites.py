@@ -67,9 +67,10 @@ class DendriteLayer(nn.Module):
     """A layer with dendrites: ``base(x) + sum_j v_j * a_j(x)`` (module docstring).
 
     ``weight`` and ``bias`` are the wrapped layer's, so code that reads them keeps working.
-    While ``trace`` is a list (the dendrite phase of the callback), every call appends the
-    newest set's activations and the layer's output (made to require a gradient, so that the
-    error ``dL/dy`` reaches it even with every weight frozen).
+    While ``trace`` is a list (the dendrite phase of the callback), every call appends its input
+    (detached: the dendrites' activations are recomputed from it, on a graph of their own) and
+    its output (made to require a gradient, so that the error ``dL/dy`` reaches it even with
+    every weight frozen).
     """
 
     def __init__(self, base: nn.Module):
@@ -119,7 +120,7 @@ class DendriteLayer(nn.Module):
             if not y.requires_grad:  # every weight frozen: still let dL/dy be computed
                 y.requires_grad_()
             y.retain_grad()
-            self.trace.append((acts[-1], y))
+            self.trace.append((x.detach(), y))
         return y
 
     def extra_repr(self) -> str:
