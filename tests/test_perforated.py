@@ -274,10 +274,21 @@ def test_rnn_trains_registers_resumes_and_reloads_with_dendrites(reach_path, tmp
     cfg = compose([*overrides, "trainer.max_epochs=5"], tmp_path)
     train(cfg)
     metrics = json.loads((out / "metrics.json").read_text())
-    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["Perforated"]
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    state = last["callbacks"]["Perforated"]
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3, 4]  # one history, across the restart
     assert [h["phase"] for h in state["history"]] == ["neuron", "dendrite", "neuron", "dendrite", "neuron"]
     assert (out / "perforated.png").is_file()
+    # MLflow has the phase, the structure, the parameter count and the figure.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(metrics["mlflow_tracking_uri"])
+    logged = client.get_run(metrics["mlflow_run_id"]).data.metrics
+    # After the last validation set 2 was judged and set 3 added: a dendrite phase began.
+    assert logged["perforated/dendrite_sets"] == 3 and set(last["neuroformer"]["dendrites"].values()) == {3}
+    assert logged["perforated/phase"] == 1.0
+    assert "perforated/correlation" in logged
+    assert "perforated.png" in [f.path for f in client.list_artifacts(metrics["mlflow_run_id"])]
 
     with use_tracking_uri(metrics["mlflow_tracking_uri"]):
         loaded = registry.load(metrics["model_uri"])
