@@ -162,14 +162,15 @@ class Snapshots(L.Callback):
         self.epochs[-1]["end"] = self._params(pl_module)
 
 
-def _fit(method: str, tmp_path: Path, epochs: int = 6) -> tuple[Regression, Perforated, Snapshots]:
+def _fit(method: str, tmp_path: Path, epochs: int = 6, precision: str = "32-true") -> tuple[Regression, Perforated,
+                                                                                          Snapshots]:
     task = Regression()
     perforated = Perforated(monitor="val/loss", method=method, switch_every=1, candidate_epochs=1, max_sets=3,
                             max_tries=3, init_scale=1.0, figure=None)
     snapshots = Snapshots(perforated)
     trainer = L.Trainer(max_epochs=epochs, callbacks=[snapshots, perforated], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, accelerator="cpu", num_sanity_val_steps=0)
+                        default_root_dir=tmp_path, accelerator="cpu", num_sanity_val_steps=0, precision=precision)
     trainer.fit(task)
     return task, perforated, snapshots
 
@@ -180,8 +181,9 @@ def _kind(name: str) -> str:
     return "output" if name.endswith(".output") else "dendrite input"
 
 
-def test_each_phase_trains_only_its_weights(tmp_path):
-    task, perforated, snapshots = _fit("correlation", tmp_path)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: autocast, as trainer=gpu
+def test_each_phase_trains_only_its_weights(tmp_path, precision):
+    task, perforated, snapshots = _fit("correlation", tmp_path, precision=precision)
     phases = [e["phase"] for e in snapshots.epochs]
     assert phases[:4] == ["neuron", "dendrite", "neuron", "dendrite"], phases
     for k, epoch in enumerate(snapshots.epochs):

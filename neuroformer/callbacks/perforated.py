@@ -226,7 +226,8 @@ class Perforated(Callback):
             layer.trace = None
             if not pairs:
                 continue  # this layer's output does not reach the loss
-            a = torch.cat([dn.samples(layer.activations(x)[-1], layer.conv) for x, _ in pairs]).float()
+            with trainer.precision_plugin.forward_context():  # the forward's precision (autocast under *-mixed)
+                a = torch.cat([dn.samples(layer.activations(x)[-1], layer.conv) for x, _ in pairs]).float()
             e = torch.cat([dn.samples(g, layer.conv) for _, g in pairs]).float()
             e = e / e.std().clamp_min(1e-30)  # the loss's scale does not matter, only the error's pattern
             objective = objective + dn.correlation_objective(a, e)
