@@ -60,15 +60,32 @@ def mlp(n_in: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, width), nn.Tanh(), nn.Linear(width, 1))
 
 
-def teacher_data(seed: int, n_in: int = 10, hidden: int = 32, noise: float = 0.1,
-                 sizes: tuple[int, int, int] = (2000, 500, 5000)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Train/val/test (x, y) of a random teacher MLP; y has unit variance plus ``noise`` std."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    teacher = mlp(n_in, hidden)
+def make_teacher(kind: str, g: torch.Generator, n_in: int, hidden: int) -> nn.Module:
+    """``mlp``: a random tanh MLP with ``hidden`` units. ``dendritic``: a tanh MLP as narrow as the
+    student (4 units) whose neurons have 3 random dendrites each: the structure dendrites can
+    represent exactly, the best case for them."""
+    teacher = mlp(n_in, hidden if kind == "mlp" else 4)
     with torch.no_grad():
         for layer in (teacher[0], teacher[2]):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 2 / layer.weight.shape[1] ** 0.5)
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.5)
+        if kind == "dendritic":
+            for k in range(3):
+                for s in dn.add_dendrites(teacher, dn.select_layers(teacher), init_scale=1.0,
+                                          seed=int(torch.randint(1 << 30, (1,), generator=g))):
+                    s.input.weight.mul_(4.0)  # steep enough to be non-linear over the inputs' range
+                    s.output.copy_(torch.randn(s.output.shape, generator=g))
+                    if s.lateral is not None:
+                        s.lateral.copy_(torch.randn(s.lateral.shape, generator=g))
+    return teacher
+
+
+def teacher_data(seed: int, kind: str = "mlp", n_in: int = 10, hidden: int = 32, noise: float = 0.1,
+                 sizes: tuple[int, int, int] = (2000, 500, 5000)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Train/val/test (x, y) of a random teacher (``make_teacher``); y has unit variance plus ``noise`` std."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    teacher = make_teacher(kind, g, n_in, hidden)
+    with torch.no_grad():
         x = torch.randn(sum(sizes), n_in, generator=g)
         f = teacher(x)
         f = (f - f.mean()) / f.std()
@@ -134,27 +151,29 @@ def width_for(n_parameters: int, n_in: int) -> int:
     return max(1, round((n_parameters - 1) / per_unit))
 
 
-def teacher_bench(seeds: list[int], width: int, max_sets: int, patience: int, max_epochs: int, out: Path) -> None:
-    rows: dict[str, list[dict]] = {v: [] for v in (*VARIANTS, "joint, init_scale 1",
-                                                   *(f"plain x{k}" for k in (2, 4, 8)))}
+def teacher_bench(seeds: list[int], kind: str, width: int, max_sets: int, patience: int, max_epochs: int,
+                  out: Path) -> None:
+    extra = ("joint, init_scale 1", *(f"plain x{k}" for k in (2, 4, 8))) if kind == "mlp" else ()
+    rows: dict[str, list[dict]] = {v: [] for v in (*VARIANTS, *extra)}
     for seed in seeds:
         began = time.perf_counter()
-        data = teacher_data(seed)
+        data = teacher_data(seed, kind)
         run = lambda w, m, init=0.01: fit_student(data, w, m, seed, max_sets, patience, max_epochs, init)  # noqa: E731
         rows["plain"].append(run(width, None)[0])
         perforated, callback = run(width, "correlation")
         rows["perforated"].append(perforated)
         if seed == seeds[0]:
-            plots.save(callback.plot(), out / "perforated_teacher_validation.png")
+            plots.save(callback.plot(), out / f"perforated_teacher_{kind}_validation.png")
         rows["joint"].append(run(width, "joint")[0])
-        rows["joint, init_scale 1"].append(run(width, "joint", 1.0)[0])
         rows["widened"].append(run(width_for(perforated["n_parameters"], data["train"][0].shape[1]), None)[0])
-        for k in (2, 4, 8):
-            rows[f"plain x{k}"].append(run(k * width, None)[0])
+        if kind == "mlp":
+            rows["joint, init_scale 1"].append(run(width, "joint", 1.0)[0])
+            for k in (2, 4, 8):
+                rows[f"plain x{k}"].append(run(k * width, None)[0])
         print(f"seed {seed}: " + ", ".join(f"{v} {r[-1]['test_nmse']:.4f} ({r[-1]['n_parameters']} p)"
                                            for v, r in rows.items()) + f"  [{time.perf_counter() - began:.0f} s]",
               flush=True)
-    (out / "perforated_teacher.json").write_text(json.dumps(rows, indent=1))
+    (out / f"perforated_teacher_{kind}.json").write_text(json.dumps(rows, indent=1))
     print(table(rows, "test_nmse", "test MSE / target variance (oracle 0.01)"))
 
 
@@ -195,7 +214,10 @@ def read_rnn(folder: Path) -> list[dict]:
     for metrics_file in sorted(folder.glob("*/metrics.json"), key=lambda p: int(p.parent.name)):
         m = json.loads(metrics_file.read_text())
         model = registry.load(m["best_checkpoint"]).model
+        # The best validation loss (output MSE on held-out trials of the trained directions) the callback saw.
+        state = torch.load(metrics_file.parent / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
         rows.append({"output_r2": m["test/output_r2"], "output_loss": m["test/output_loss"],
+                     "val_loss": state["Perforated"]["best"],
                      "nearest": m["test/output_r2_nearest_condition"], "ceiling": m["test/output_r2_ceiling"],
                      "n_parameters": sum(p.numel() for p in model.parameters()),
                      "sets": max(dn.structure(model).values(), default=0),
@@ -231,6 +253,7 @@ def rnn_bench(seeds: list[int], hidden: int, out: Path) -> None:
     (out / "perforated_rnn.json").write_text(json.dumps(rows, indent=1))
     print(table(rows, "output_r2", "output R^2, held-out directions"))
     print(table(rows, "output_loss", "output MSE (z-scored), held-out directions"))
+    print(table(rows, "val_loss", "output MSE (z-scored), validation trials of the trained directions"))
     print(f"nearest-training-condition baseline R^2 {rows['plain'][0]['nearest']:.3f}, "
           f"ceiling {rows['plain'][0]['ceiling']:.3f}")
 
@@ -266,6 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("task", choices=["teacher", "rnn"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--teacher", choices=["mlp", "dendritic"], default="mlp", help="teacher: its kind (make_teacher)")
     parser.add_argument("--width", type=int, default=4, help="teacher: the student's hidden units")
     parser.add_argument("--hidden", type=int, default=6, help="rnn: the student RNN's units")
     parser.add_argument("--max-sets", type=int, default=3)
@@ -276,7 +300,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     if args.task == "teacher":
-        teacher_bench(args.seeds, args.width, args.max_sets, args.patience, args.max_epochs, args.out)
+        teacher_bench(args.seeds, args.teacher, args.width, args.max_sets, args.patience, args.max_epochs, args.out)
     else:
         rnn_bench(args.seeds, args.hidden, args.out)
 
