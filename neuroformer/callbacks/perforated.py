@@ -148,16 +148,19 @@ class Perforated(Callback):
         """New parameters or a new phase: a new optimiser and LR schedule (the task's own)."""
         trainer.strategy.setup_optimizers(trainer)
 
-    def _enter(self, phase: str, pl_module: L.LightningModule) -> None:
-        """Make the phase's parameters (and only those) trainable."""
-        self.phase = phase
+    def _set_trainable(self, pl_module: L.LightningModule) -> None:
+        """Make the current phase's parameters (and only those) trainable."""
         model = pl_module.model
-        if phase == "dendrite":
+        if self.phase == "dendrite":
             dn.set_trainable(model, neurons=False, dendrite_inputs="newest", outputs=False)
         elif self.method == "joint":
             dn.set_trainable(model, neurons=True, dendrite_inputs="all", outputs=True)
         else:
             dn.set_trainable(model, neurons=True, dendrite_inputs="none", outputs=True)
+
+    def _enter(self, phase: str, pl_module: L.LightningModule) -> None:
+        self.phase = phase
+        self._set_trainable(pl_module)
         if phase == "neuron":
             self.reference, self.stale, self.validations = self.best, 0, 0
 
@@ -201,10 +204,10 @@ class Perforated(Callback):
         dn.select_layers(pl_module.model, self.types, self.names, self.exclude)  # bad type names fail now
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.phase != "done":  # a resumed run continues its phase
-            self._enter(self.phase, pl_module)
-            if self._n_sets(pl_module.model):
-                self._new_optimizer(trainer)
+        if self._n_sets(pl_module.model):
+            # A resumed run continues its phase. Its optimiser (built by Lightning over every
+            # parameter of the rebuilt structure, as after a restructuring) has its state back.
+            self._set_trainable(pl_module)
         self._log(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
