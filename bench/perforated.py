@@ -74,7 +74,7 @@ def make_teacher(kind: str, g: torch.Generator, n_in: int, hidden: int) -> nn.Mo
                 for s in dn.add_dendrites(teacher, dn.select_layers(teacher), init_scale=1.0,
                                           seed=int(torch.randint(1 << 30, (1,), generator=g))):
                     s.input.weight.mul_(4.0)  # steep enough to be non-linear over the inputs' range
-                    s.output.copy_(torch.randn(s.output.shape, generator=g))
+                    s.output.copy_(3 * torch.randn(s.output.shape, generator=g))  # as large as W x
                     if s.lateral is not None:
                         s.lateral.copy_(torch.randn(s.lateral.shape, generator=g))
     return teacher

@@ -336,25 +336,30 @@ class Perforated(Callback):
     # ------------------------------------------------------------------ figure
 
     def plot(self) -> Figure:
-        """Validation metric versus epoch: neuron and dendrite phases, restructurings marked."""
-        fig = Figure(figsize=(8, 4), layout="constrained")
-        ax = fig.subplots()
-        epochs = [h["epoch"] for h in self.history]
-        values = [h["value"] for h in self.history]
-        ax.plot(epochs, values, color="0.6", lw=1, zorder=1)
-        for phase, color in (("neuron", "tab:blue"), ("dendrite", "tab:orange")):
-            pts = [(h["epoch"], h["value"]) for h in self.history if h["phase"] == phase]
-            if pts:
-                ax.scatter(*zip(*pts), s=14, color=color, label=f"{phase} learning", zorder=2)
-        # Each change between the epoch it was decided in and the next.
+        """Validation metric versus epoch: neuron and dendrite phases, restructurings marked; the
+        right panel zooms in on the epochs from the first restructuring on."""
+        zoom = bool(self.events)
+        fig = Figure(figsize=(12 if zoom else 8, 4), layout="constrained")
+        axes = fig.subplots(1, 2 if zoom else 1, squeeze=False)[0]
+        first = self.events[0]["epoch"] if zoom else 0
+        # Each change is drawn between the epoch it was decided in and the next.
         kinds = (("added", "tab:green", "--", "dendrite set added"), ("frozen", "0.5", ":", "dendrite inputs frozen"),
                  ("reverted", "tab:red", "--", "reverted to the best state"), ("done", "black", "-", "stopped"))
-        for key, color, style, label in kinds:
-            at = [e["epoch"] + 0.5 for e in self.events if key in e["event"]]
-            for k, x in enumerate(at):
-                ax.axvline(x, color=color, ls=style, lw=1, label=label if k == 0 else None)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(self.monitor)
-        ax.set_title(f"Perforated backpropagation ({self.method}): validation {self.monitor}")
-        ax.legend(fontsize=8, loc="lower left" if self.mode == "min" else "upper left")
+        for ax, start in zip(axes, (0, first)):
+            shown = [h for h in self.history if h["epoch"] >= start]
+            ax.plot([h["epoch"] for h in shown], [h["value"] for h in shown], color="0.6", lw=1, zorder=1)
+            for phase, color in (("neuron", "tab:blue"), ("dendrite", "tab:orange")):
+                pts = [(h["epoch"], h["value"]) for h in shown if h["phase"] == phase]
+                if pts:
+                    ax.scatter(*zip(*pts), s=14, color=color, label=f"{phase} learning", zorder=2)
+            for key, color, style, label in kinds:
+                at = [e["epoch"] + 0.5 for e in self.events if key in e["event"]]
+                for k, x in enumerate(at):
+                    ax.axvline(x, color=color, ls=style, lw=1, label=label if k == 0 else None)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(self.monitor)
+        axes[0].legend(fontsize=8, loc="lower left" if self.mode == "min" else "upper left")
+        if zoom:
+            axes[1].set_title(f"from epoch {first}", fontsize=10)
+        fig.suptitle(f"Perforated backpropagation ({self.method}): validation {self.monitor}")
         return fig
