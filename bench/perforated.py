@@ -11,22 +11,25 @@ validation state on held-out test data:
 
 Tasks:
 
-- ``teacher``: (and (d) again with new dendrites at the usual initial scale instead of 0.01)
-  a random tanh MLP teacher (10 inputs, 32 hidden units, Gaussian noise of std 0.1
-  on its unit-variance output) and a student of the same form with only ``--width`` hidden
-  units. Metric: test MSE relative to the target variance (the oracle, the teacher itself,
-  scores the noise, 0.01). Compression: plain students of widths 2x..8x against (c).
+- ``teacher``: a random tanh MLP teacher (10 inputs, 32 hidden units, Gaussian noise of std 0.1
+  on its unit-variance output; ``--teacher dendritic``: a 4-unit teacher with dendrites, see
+  ``make_teacher``) and a student of the same form with only ``--width`` hidden units. Metric:
+  test MSE relative to the target variance (the oracle, the teacher itself, scores the noise,
+  0.01). With the MLP teacher also (d) with new dendrites at the usual initial scale instead of
+  0.01, and, for compression, plain students 2x, 4x and 8x as wide.
 - ``rnn``: the platform's sparse-data RNN fitting the simulated reaching circuit's EMG
   (``python train.py experiment=sparse_rnn``, output only, ``--hidden`` units), through
-  ``train(cfg)`` with ``callbacks=perforated``. Metric: output R^2 on the held-out reach
-  directions (and the output loss), beside the nearest-training-condition baseline. Compression:
-  the widened plain RNN, (b), is the larger plain model.
+  ``train(cfg)`` with ``callbacks=perforated``. Metrics: output R^2 and MSE on the held-out reach
+  directions, beside the nearest-training-condition baseline, and the best validation output
+  MSE (held-out trials of the trained directions: the fit). Compression: the widened plain RNN,
+  (b), is the larger plain model.
 
 Usage (one thread: the models are small, and threads only wait on each other on a busy machine):
-    OMP_NUM_THREADS=1 python bench/perforated.py teacher [--seeds 0 1 2 3 4] [--width 4]
+    OMP_NUM_THREADS=1 python bench/perforated.py teacher [--teacher mlp|dendritic] [--seeds 0 1 2 3 4] [--width 4]
     OMP_NUM_THREADS=1 python bench/perforated.py rnn [--seeds 0 1 2 3 4] [--hidden 6] [--out DIR]
-Prints markdown tables (mean, standard deviation and 95% bootstrap interval of the mean over
-seeds) and saves a validation-versus-epoch figure of seed 0's perforated run next to them.
+Prints markdown tables (mean, standard deviation and 95% t-interval of the mean over seeds, and
+the paired difference from (c)); the teacher task saves a validation-versus-epoch figure of seed
+0's perforated run, the RNN runs their own (``perforated.png`` in each run folder).
 """
 
 from __future__ import annotations
