@@ -328,9 +328,7 @@ def test_neuroformer_trains_with_dendrites_and_loads_back(small_sim_path, tmp_pa
     assert torch.load(metrics["best_checkpoint"], weights_only=True)["neuroformer"]["dendrites"] == layers
 
 
-def test_sharded_and_multiprocess_trainers_are_refused(tmp_path):
-    from lightning.pytorch.strategies import DDPStrategy
-
+def test_deepspeed_trainers_are_refused(tmp_path):
     from neuroformer.distributed.strategies import deepspeed_strategy
 
     task = Regression()
@@ -341,6 +339,31 @@ def test_sharded_and_multiprocess_trainers_are_refused(tmp_path):
             Perforated(monitor="val/loss").setup(trainer, task, "fit")
         assert ("sharded across ranks" in str(err.value)) == (stage == 3)
         assert "trainer=cpu or trainer=gpu" in str(err.value)
-    trainer = L.Trainer(strategy=DDPStrategy(), accelerator="cpu", devices=2, logger=False, default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match="needs one process, the run has 2"):
-        Perforated(monitor="val/loss").setup(trainer, task, "fit")
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_keep_identical_dendrites(reach_path, tmp_path):
+    """Two CPU ranks (gloo): dendrites added, trained by correlation and reverted on both alike (the
+    callback compares the ranks' parameter checksums at the end of fit and fails the run if they
+    differ); the run registers a model with dendrites."""
+    import os
+    import subprocess
+    import sys
+
+    from neuroformer import registry
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "experiment=sparse_rnn", *QUICK, "trainer=ddp", "trainer.devices=2",
+           "trainer.accelerator=cpu", f"data.paths=[{reach_path}]", "model.hidden=16", "trainer.max_epochs=5",
+           "trainer.check_val_every_n_epoch=1", "data.batch_size=8", "registry.register=false", "logger=none",
+           f"paths.output_root={tmp_path / 'outputs'}", f"hydra.run.dir={out}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PL_", "MLFLOW_"))
+           and k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(cmd, cwd=root, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["Perforated"]
+    assert [h["phase"] for h in state["history"]] == ["neuron", "dendrite", "neuron", "dendrite", "neuron"]
+    assert dn.structure(registry.load(metrics["best_checkpoint"]).model) != {}

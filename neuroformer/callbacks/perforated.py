@@ -27,8 +27,10 @@ into the same architecture. Metrics ``perforated/*`` (phase, dendrite sets, corr
 parameter count) go to the loggers; ``perforated.png`` (validation metric versus epoch, with the
 restructurings marked) to the run folder and MLflow.
 
-Needs the task's network in ``pl_module.model`` (the ``tasks.base.Task`` contract) and one
-process: under DeepSpeed or DDP it refuses to start (see ``setup``).
+Needs the task's network in ``pl_module.model`` (the ``tasks.base.Task`` contract). Runs in one
+process or under DDP (the model is wrapped anew after each change, and every rank adds the same
+seeded dendrites and takes the same decisions on the synced validation metric); refuses to start
+under DeepSpeed (see ``setup``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from matplotlib.figure import Figure
 
 from neuroformer import plots
@@ -144,8 +146,16 @@ class Perforated(Callback):
         self.events.append({"epoch": trainer.current_epoch, "event": what})
         log.info("perforated, epoch %d: %s", trainer.current_epoch, what)
 
-    def _new_optimizer(self, trainer: L.Trainer) -> None:
+    def _rewrap(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Under DDP: wrap the model anew, so that the gradient reducer holds exactly the
+        parameters that train now (it only knows those trainable when it wrapped the model)."""
+        if isinstance(trainer.strategy, DDPStrategy) and trainer.world_size > 1:
+            trainer.strategy.model = pl_module
+            trainer.strategy.configure_ddp()
+
+    def _new_optimizer(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """New parameters or a new phase: a new optimiser and LR schedule (the task's own)."""
+        self._rewrap(trainer, pl_module)
         trainer.strategy.setup_optimizers(trainer)
 
     def _set_trainable(self, pl_module: L.LightningModule) -> None:
@@ -194,11 +204,11 @@ class Perforated(Callback):
             raise ConfigError(f"callbacks.perforated: cannot add dendrites under DeepSpeed ZeRO-{zero}: {why}the "
                               "DeepSpeed engine fixes its flattened, partitioned parameters when training starts and "
                               "cannot take new ones. Use a single-device trainer preset (trainer=cpu or trainer=gpu)")
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise ConfigError(
-                f"callbacks.perforated: needs one process, the run has {trainer.world_size}: dendrites added "
-                "during training are not in DDP's gradient reducer, so ranks would drift apart. Use "
-                "trainer.devices=1 (trainer=cpu or trainer=gpu)")
+                f"callbacks.perforated: supports one process or DDP; {type(trainer.strategy).__name__} with "
+                f"{trainer.world_size} processes could not be given the new dendrites. Use trainer=ddp, "
+                "trainer=cpu or trainer=gpu")
         if not isinstance(getattr(pl_module, "model", None), torch.nn.Module):
             raise ConfigError(f"callbacks.perforated: {type(pl_module).__name__} has no network in .model")
         dn.select_layers(pl_module.model, self.types, self.names, self.exclude)  # bad type names fail now
@@ -208,6 +218,7 @@ class Perforated(Callback):
             # A resumed run continues its phase. Its optimiser (built by Lightning over every
             # parameter of the rebuilt structure, as after a restructuring) has its state back.
             self._set_trainable(pl_module)
+            self._rewrap(trainer, pl_module)
         self._log(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -241,10 +252,12 @@ class Perforated(Callback):
         if n == 0:
             return
         params = [p for p in dn.dendrite_parameters(pl_module.model, "newest") if p.requires_grad]
-        grads = torch.autograd.grad(-objective, params, allow_unused=True)
+        grads = torch.autograd.grad(-objective, params, materialize_grads=True)
         for p, g in zip(params, grads):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
+            # DDP has already averaged the loss's gradients; average these too (the gradient of
+            # the ranks' mean score), or the ranks' dendrites would drift apart.
+            g = trainer.strategy.reduce(g, reduce_op="mean")
+            p.grad = g if p.grad is None else p.grad + g
         self._score_sum += objective.item()
         self._corr_sum += corr / n
         self._batches += 1
@@ -306,7 +319,7 @@ class Perforated(Callback):
             self._enter("dendrite", pl_module)
         else:
             self._enter("neuron", pl_module)
-        self._new_optimizer(trainer)
+        self._new_optimizer(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase != "dendrite" or self._batches == 0:
@@ -322,11 +335,16 @@ class Perforated(Callback):
             self._event(trainer, f"dendrite inputs frozen after {self.candidate_epoch} epochs "
                                  f"(mean |correlation| {corr:.3f})")
             self._enter("neuron", pl_module)
-            self._new_optimizer(trainer)
+            self._new_optimizer(trainer, pl_module)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for layer in dn.dendrite_layers(pl_module.model).values():
             layer.trace = None
+        if trainer.world_size > 1:  # every rank must hold the same model: compare their checksums
+            sums = torch.stack([p.detach().double().sum() for p in pl_module.model.parameters()])
+            gathered = trainer.strategy.all_gather(sums)
+            if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values):
+                raise RuntimeError("perforated: the ranks' models differ after training (dendrites out of sync)")
         if self.figure and self.history and trainer.is_global_zero:
             path = plots.save(self.plot(), Path(trainer.default_root_dir) / self.figure)
             for lg in trainer.loggers:
