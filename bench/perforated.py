@@ -24,8 +24,13 @@ Tasks:
   MSE (held-out trials of the trained directions: the fit). Compression: the widened plain RNN,
   (b), is the larger plain model.
 
+``control`` (after ``teacher``): the MLP teacher's narrow student trained through the same phases
+and optimiser restarts as (c) but with its dendrites' output weights held at 0 (``RestartsOnly``):
+how much of (c)'s gain over (a) is the extra training rather than the dendrites.
+
 Usage (one thread: the models are small, and threads only wait on each other on a busy machine):
     OMP_NUM_THREADS=1 python bench/perforated.py teacher [--teacher mlp|dendritic] [--seeds 0 1 2 3 4] [--width 4]
+    OMP_NUM_THREADS=1 python bench/perforated.py control [--seeds 0 1 2 3 4]
     OMP_NUM_THREADS=1 python bench/perforated.py rnn [--seeds 0 1 2 3 4] [--hidden 6] [--out DIR]
 Prints markdown tables (mean, standard deviation and 95% t-interval of the mean over seeds, and
 the paired difference from (c)); the teacher task saves a validation-versus-epoch figure of seed
@@ -146,6 +151,42 @@ def fit_student(data: dict, width: int, method: str | None, seed: int, max_sets:
         mse = nn.functional.mse_loss(model(x), y).item() / y.var().item()
     return {"test_nmse": mse, "n_parameters": sum(p.numel() for p in model.parameters()),
             "sets": max(dn.structure(model).values(), default=0), "epochs": trainer.current_epoch + 1}, callback
+
+
+class RestartsOnly(Perforated):
+    """Control for (c): the same phases, plateau tests and optimiser restarts, but the dendrites'
+    output weights stay 0, so the network computes exactly what the plain one does."""
+
+    def _set_trainable(self, pl_module: L.LightningModule) -> None:
+        super()._set_trainable(pl_module)
+        for p in dn.dendrite_parameters(pl_module.model, "outputs"):
+            p.requires_grad_(False)
+
+
+def control_bench(seeds: list[int], width: int, max_sets: int, patience: int, max_epochs: int, out: Path) -> None:
+    """Adds the restarts-only control to the MLP teacher's results (``teacher`` must have run)."""
+    rows = json.loads((out / "perforated_teacher_mlp.json").read_text())
+    control = []
+    for seed in seeds:
+        data = teacher_data(seed)
+        L.seed_everything(seed, workers=False, verbose=False)
+        model = mlp(data["train"][0].shape[1], width)
+        callback = RestartsOnly(monitor="val/loss", patience=patience, max_sets=max_sets,
+                                candidate_epochs=3 * patience, seed=seed, figure=None)
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                            num_sanity_val_steps=0, default_root_dir=out)
+        trainer.fit(Regression(model, data))
+        x, y = data["test"]
+        with torch.no_grad():
+            mse = nn.functional.mse_loss(model(x), y).item() / y.var().item()
+        control.append({"test_nmse": mse, "n_parameters": sum(p.numel() for p in model.parameters()),
+                        "sets": max(dn.structure(model).values(), default=0), "epochs": trainer.current_epoch + 1})
+        print(f"seed {seed}: restarts only {mse:.4f}, plain {rows['plain'][seeds.index(seed)]['test_nmse']:.4f}, "
+              f"perforated {rows['perforated'][seeds.index(seed)]['test_nmse']:.4f}", flush=True)
+    rows = {"plain": rows["plain"], "restarts only (control)": control, "perforated": rows["perforated"]}
+    (out / "perforated_teacher_control.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows, "test_nmse", "test MSE / target variance (oracle 0.01)"))
 
 
 def width_for(n_parameters: int, n_in: int) -> int:
@@ -290,7 +331,7 @@ def table(rows: dict[str, list[dict]], key: str, label: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("task", choices=["teacher", "rnn"])
+    parser.add_argument("task", choices=["teacher", "control", "rnn"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--teacher", choices=["mlp", "dendritic"], default="mlp", help="teacher: its kind (make_teacher)")
     parser.add_argument("--width", type=int, default=4, help="teacher: the student's hidden units")
@@ -304,6 +345,8 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.task == "teacher":
         teacher_bench(args.seeds, args.teacher, args.width, args.max_sets, args.patience, args.max_epochs, args.out)
+    elif args.task == "control":
+        control_bench(args.seeds, args.width, args.max_sets, args.patience, args.max_epochs, args.out)
     else:
         rnn_bench(args.seeds, args.hidden, args.out)
 
