@@ -16,6 +16,10 @@ of spatiotemporal filters (motion and temporal shape are visible to it).
 (B, U), differentiable in the stimulus. Anything with that method can be optimised by
 ``neuroformer.inference.mds``. The Neuroformer does not implement it: it predicts spike
 tokens autoregressively, with no rate head mapping a stimulus alone to per-unit rates.
+
+A model whose units see different parts of the screen may also offer ``centred()``: the same
+model with every unit's receptive field moved to the centre, so that clustering groups units
+by what they respond to rather than where (the MDS tools use it when present).
 """
 
 from __future__ import annotations
@@ -112,6 +116,26 @@ class Twin(nn.Module):
     def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
         """The response-model protocol: ``forward``."""
         return self(stimulus)
+
+    def centred(self) -> Twin:
+        """A copy whose units all look at the frame's centre: each spatial mask is shifted
+        (circularly, by whole pixels) so that its centre of mass (of mask^2) is the middle pixel.
+
+        Clustering by *functional* type must not split units by where their receptive
+        fields lie; Burg et al. likewise present every stimulus at each neuron's receptive field.
+        """
+        twin = Twin(self.config).to(self.mask.device)
+        twin.load_state_dict(self.state_dict())
+        with torch.no_grad():
+            weight = self.mask.pow(2)
+            weight = weight / weight.sum((1, 2), keepdim=True).clamp_min(1e-12)
+            rows = torch.arange(self.config.height, device=weight.device, dtype=weight.dtype)
+            cols = torch.arange(self.config.width, device=weight.device, dtype=weight.dtype)
+            cy, cx = (weight.sum(2) * rows).sum(1), (weight.sum(1) * cols).sum(1)  # (U,)
+            dy = (self.config.height // 2 - cy).round().long().tolist()
+            dx = (self.config.width // 2 - cx).round().long().tolist()
+            twin.mask.copy_(torch.stack([m.roll((y, x), (0, 1)) for m, y, x in zip(self.mask, dy, dx)]))
+        return twin.train(self.training)
 
     def readout_l1(self) -> torch.Tensor:
         """Mean absolute spatial-mask weight (sparse, localised masks)."""
