@@ -118,7 +118,7 @@ def run_mds(model: ResponseModel, spec: ResponseSpec, rec: Recording, out: str |
     # A copy in eval mode, with receptive fields centred where the model can (Twin.centred).
     model = copy.deepcopy(model).eval()
     if cfg.centre and hasattr(model, "centred"):
-        model = model.centred()
+        model = model.centred(reference[:64])
     result = mds(model, reference, cfg, bounds=spec.stimulus_range)
     ref_responses = respond(model, reference, Normalizer(torch.from_numpy(result.scale).to(device), cfg.normalize))
     types = cell_types(rec, spec.units)

@@ -66,13 +66,17 @@ class MDSConfig:
     lr: float = option(0.1, "Adam step size, in the model's stimulus units")
     norm: float = option(0.0, "L2 norm budget of a stimulus clip; 0: the mean norm of the reference clips")
     clip: bool = option(True, "clip stimuli to the stimulus range")
-    smooth_space: float = option(0.0, "Gaussian smoothing of the stimuli in space, pixels (0: none)")
-    smooth_time: float = option(0.0, "Gaussian smoothing of the stimuli in time, frames (0: none)")
+    smooth_space: float = option(2.0, "Gaussian smoothing of the stimuli in space, pixels (0: none)")
+    smooth_time: float = option(1.0, "Gaussian smoothing of the stimuli in time, frames (0: none)")
     max_iter: int = option(20, "alternations at most (each: optimise, reassign; a split step counts as one)")
-    split: bool = option(True, "at a fixed point, try splitting clusters; keep a split if the mean J rises")
+    min_separation: float = option(0.05, "two clusters are kept apart only if each one's stimulus separates it "
+                                         "from the other by this much J (nats; at most log 2)")
+    merge: bool = option(True, "at a fixed point, merge the pair of clusters told apart least if under "
+                               "min_separation")
+    split: bool = option(True, "at a fixed point, try splitting the largest clusters; keep the split that leaves "
+                               "every pair told apart by min_separation")
     split_tries: int = option(3, "largest clusters tried at each split step")
     min_units: int = option(2, "a split must leave at least this many units in each half")
-    split_gain: float = option(0.0, "mean J must rise by more than this for a split to be kept")
     seed: int = option(0, "seed of k-means and of the random initial clusters")
     centre: bool = option(True, "use the model's centred() view where it has one (every unit's receptive field "
                                 "at the centre: cluster by what units respond to, not where)")
@@ -267,35 +271,98 @@ def best_reference(ref_responses: torch.Tensor, labels: torch.Tensor, k: int, ta
 # --------------------------------------------------------------------------- the algorithm
 
 
+def separation(responses: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """(K, K) J of stimulus a for cluster a against cluster b alone: ``[a, b] = log 2 +
+    log_softmax([r_a(s_a), r_b(s_a)] / tau)[0]`` (diagonal: 0); responses (K, U) normalised.
+
+    Two clusters are told apart if each one's stimulus separates it from the other:
+    ``min(S[a, b], S[b, a]) >= MDSConfig.min_separation``. Unlike the mean of J_k, bounded by
+    log K and so larger for more clusters whatever they are, this decides merges and splits.
+    """
+    means = cluster_means(responses, labels, len(responses))  # (K stimuli, K clusters)
+    own = means.diagonal()[:, None]
+    return math.log(2) + own / tau - torch.logaddexp(own / tau, means / tau)
+
+
 def _compact(labels: torch.Tensor, stimuli: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Delete empty clusters: labels renumbered 0..K'-1 in order, stimuli of the kept clusters."""
     kept = torch.unique(labels)
     return torch.searchsorted(kept, labels), stimuli[kept]
 
 
-def _split(model, stimuli: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, ref: torch.Tensor,
-           ref_responses: torch.Tensor, feats: np.ndarray, constraint: Constraint, cfg: MDSConfig, base: float
-           ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The best split of one of the largest clusters, if its mean J beats ``base`` by ``split_gain``."""
-    k = len(stimuli)
-    sizes = torch.bincount(labels, minlength=k)
-    best = None
-    for c in torch.argsort(sizes, descending=True, stable=True)[: cfg.split_tries].tolist():
-        members = torch.nonzero(labels == c).flatten()
-        if len(members) < 2 * cfg.min_units:
-            continue
-        halves = kmeans(feats[members.cpu().numpy()], 2, seed=cfg.seed)
-        if min(np.bincount(halves, minlength=2)) < cfg.min_units:
-            continue
-        trial = labels.clone()
-        trial[members[torch.from_numpy(halves).to(labels.device) == 1]] = k
-        start = torch.cat([stimuli, ref[best_reference(ref_responses, trial, k + 1, cfg.tau)[k:]]])
-        new_stimuli, objective = optimize_stimuli(model, start, trial, normalizer, constraint, cfg.tau, cfg.steps,
-                                                  cfg.lr)
-        score = float(objective.mean())
-        if score > base + cfg.split_gain and (best is None or score > best[2]):
-            best = (new_stimuli, trial, score)
-    return best
+class _Search:
+    """The model, the reference data and the settings that every step of ``mds`` shares."""
+
+    def __init__(self, model, reference: torch.Tensor, cfg: MDSConfig, bounds: tuple[float, float] | None):
+        self.model, self.reference, self.cfg = model, reference, cfg
+        raw = respond(model, reference)  # (N, U)
+        self.normalizer = Normalizer(raw.mean(0).clamp_min(1e-6), cfg.normalize)
+        self.ref_responses = self.normalizer(raw)
+        self.feats = profiles(self.ref_responses.cpu().numpy())  # (U, N)
+        norm = cfg.norm or float(reference.flatten(1).norm(dim=1).mean())
+        self.constraint = Constraint(norm, bounds if cfg.clip else None, cfg.smooth_space, cfg.smooth_time)
+
+    def initial_labels(self) -> torch.Tensor:
+        cfg, n_units = self.cfg, self.ref_responses.shape[1]
+        if cfg.init == "kmeans":
+            labels = kmeans(self.feats, cfg.n_clusters, seed=cfg.seed)
+        else:
+            labels = np.random.default_rng(cfg.seed).integers(cfg.n_clusters, size=n_units)
+        labels = torch.from_numpy(labels).to(self.reference.device)
+        return torch.searchsorted(torch.unique(labels), labels)
+
+    def start(self, labels: torch.Tensor) -> torch.Tensor:
+        """(K, T, H, W) each cluster's best reference clip, constrained."""
+        k = int(labels.max()) + 1
+        return self.constraint(self.reference[best_reference(self.ref_responses, labels, k, self.cfg.tau)])
+
+    def optimize(self, stimuli: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stimuli (K, T, H, W) optimised for ``labels``, and their J (K,)."""
+        cfg = self.cfg
+        return optimize_stimuli(self.model, stimuli, labels, self.normalizer, self.constraint, cfg.tau, cfg.steps,
+                                cfg.lr)
+
+    def pair_separation(self, stimuli: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(K, K) min(S[a, b], S[b, a]) of ``separation``; the diagonal is +inf."""
+        sep = separation(respond(self.model, stimuli, self.normalizer), labels, self.cfg.tau)
+        pair = torch.minimum(sep, sep.T)
+        return pair + torch.diag(torch.full((len(pair),), math.inf, device=pair.device))
+
+    def merge(self, stimuli: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The two clusters told apart least, merged, if their separation is under ``min_separation``."""
+        if len(stimuli) < 2:
+            return None
+        pair = self.pair_separation(stimuli, labels)
+        flat = int(pair.flatten().argmin())
+        keep, drop = sorted(divmod(flat, len(pair)))
+        if pair[keep, drop] >= self.cfg.min_separation:
+            return None
+        labels = labels.clone()
+        labels[labels == drop] = keep
+        return _compact(labels, stimuli)[::-1]
+
+    def split(self, stimuli: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The best split of one of the largest clusters in two (k-means on its units' profiles; the
+        new half starts from its best reference clip), if after optimising every pair of clusters
+        is still told apart (``min_separation``)."""
+        cfg, k = self.cfg, len(stimuli)
+        sizes = torch.bincount(labels, minlength=k)
+        best, best_score = None, cfg.min_separation
+        for c in torch.argsort(sizes, descending=True, stable=True)[: cfg.split_tries].tolist():
+            members = torch.nonzero(labels == c).flatten()
+            if len(members) < 2 * cfg.min_units:
+                continue
+            halves = kmeans(self.feats[members.cpu().numpy()], 2, seed=cfg.seed)
+            if min(np.bincount(halves, minlength=2)) < cfg.min_units:
+                continue
+            trial = labels.clone()
+            trial[members[torch.from_numpy(halves).to(labels.device) == 1]] = k
+            fresh = self.constraint(self.reference[best_reference(self.ref_responses, trial, k + 1, cfg.tau)[k:]])
+            new, _ = self.optimize(torch.cat([stimuli, fresh]), trial)
+            score = float(self.pair_separation(new, trial).min())
+            if score >= best_score:
+                best, best_score = (new, trial), score
+        return best
 
 
 def mds(model, reference: torch.Tensor, cfg: MDSConfig = MDSConfig(),
@@ -313,47 +380,34 @@ def mds(model, reference: torch.Tensor, cfg: MDSConfig = MDSConfig(),
         The clustering, its stimuli and per-iteration history.
     """
     began = time.perf_counter()
-    device = reference.device
-    raw = respond(model, reference)  # (N, U)
-    normalizer = Normalizer(raw.mean(0).clamp_min(1e-6), cfg.normalize)
-    ref_responses = normalizer(raw)
-    feats = profiles(ref_responses.cpu().numpy())
-    n_units = raw.shape[1]
-    if cfg.init == "kmeans":
-        labels = torch.from_numpy(kmeans(feats, cfg.n_clusters, seed=cfg.seed)).to(device)
-    else:
-        labels = torch.from_numpy(np.random.default_rng(cfg.seed).integers(cfg.n_clusters, size=n_units)).to(device)
-    labels = torch.searchsorted(torch.unique(labels), labels)
-    k = int(labels.max()) + 1
-    norm = cfg.norm or float(reference.flatten(1).norm(dim=1).mean())
-    constraint = Constraint(norm, bounds if cfg.clip else None, cfg.smooth_space, cfg.smooth_time)
-    stimuli = constraint(reference[best_reference(ref_responses, labels, k, cfg.tau)])
-
+    search = _Search(model, reference, cfg, bounds)
+    labels = search.initial_labels()
+    stimuli = search.start(labels)
     history: list[dict] = []
-    objective = torch.zeros(k)
     for iteration in range(cfg.max_iter):
-        stimuli, objective = optimize_stimuli(model, stimuli, labels, normalizer, constraint, cfg.tau, cfg.steps,
-                                              cfg.lr)
-        new = reassign(respond(model, stimuli, normalizer))
+        stimuli, objective = search.optimize(stimuli, labels)
+        new = reassign(respond(model, stimuli, search.normalizer))
         changed = int((new != labels).sum())
         entry = {"iteration": iteration, "step": "optimise", "n_clusters": len(stimuli),
                  "mean_J": float(objective.mean()), "changed": changed}
         labels, stimuli = _compact(new, stimuli)
-        if changed == 0 and cfg.split:
-            split = _split(model, stimuli, labels, normalizer, reference, ref_responses, feats, constraint, cfg,
-                           float(objective.mean()))
-            if split is not None:
-                stimuli, labels, score = split
-                entry.update(step="split", n_clusters=len(stimuli), mean_J=score)
-        entry["seconds"] = time.perf_counter() - began
+        if changed == 0:  # a fixed point: merge clusters told apart too little, else try a split
+            for step, enabled, move in (("merge", cfg.merge, search.merge), ("split", cfg.split, search.split)):
+                moved = move(stimuli, labels) if enabled else None
+                if moved is not None:
+                    stimuli, labels = moved
+                    entry["step"] = step
+                    break
+        entry.update(n_clusters_after=len(stimuli), seconds=time.perf_counter() - began)
         history.append(entry)
-        log.info("MDS iteration %d (%s): %d clusters, mean J %.3f (log K %.3f), %d units changed, %.0f s",
-                 iteration, entry["step"], entry["n_clusters"], entry["mean_J"], math.log(entry["n_clusters"]),
-                 changed, entry["seconds"])
+        log.info("MDS iteration %d: %d clusters, mean J %.3f (at most log K = %.3f), %d units changed%s, %.0f s",
+                 iteration, entry["n_clusters"], entry["mean_J"], math.log(entry["n_clusters"]), changed,
+                 "" if entry["step"] == "optimise" else f"; {entry['step']} -> {len(stimuli)} clusters",
+                 entry["seconds"])
         if changed == 0 and entry["step"] == "optimise":
             break
-    final = respond(model, stimuli, normalizer)
+    final = respond(model, stimuli, search.normalizer)
     with torch.no_grad():
         objective = discriminability(cluster_means(final, labels, len(stimuli)), cfg.tau)
     return MDSResult(labels.cpu().numpy(), stimuli.cpu().numpy(), objective.cpu().numpy(),
-                     final.cpu().numpy(), normalizer.scale.cpu().numpy(), history)
+                     final.cpu().numpy(), search.normalizer.scale.cpu().numpy(), history)

@@ -24,6 +24,7 @@ by what they respond to rather than where (the MDS tools use it when present).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,25 +118,34 @@ class Twin(nn.Module):
         """The response-model protocol: ``forward``."""
         return self(stimulus)
 
-    def centred(self) -> Twin:
-        """A copy whose units all look at the frame's centre: each spatial mask is shifted
-        (circularly, by whole pixels) so that its centre of mass (of mask^2) is the middle pixel.
+    def receptive_field_centres(self, reference: torch.Tensor) -> torch.Tensor:
+        """(U, 2) (row, column) centre of each unit's receptive field as the model sees it: the
+        peak of its sensitivity map (|d rate / d stimulus| summed over the ``reference`` clips
+        (B, T, H, W) and frames, 3 x 3 box-smoothed). The core's own spatial offsets are in it,
+        which the mask alone would miss."""
+        stimulus = reference.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            rates = self(stimulus)  # (B, U)
+            maps = torch.stack([torch.autograd.grad(rates[:, u].sum(), stimulus, retain_graph=True)[0].abs().sum((0, 1))
+                                for u in range(rates.shape[1])])  # (U, H, W)
+        peak = F.avg_pool2d(maps[:, None], 3, 1, 1, count_include_pad=False).flatten(1).argmax(1)  # (U,)
+        return torch.stack([peak // self.config.width, peak % self.config.width], dim=1)
 
-        Clustering by *functional* type must not split units by where their receptive
-        fields lie; Burg et al. likewise present every stimulus at each neuron's receptive field.
+    def centred(self, reference: torch.Tensor) -> Twin:
+        """A copy whose units all look at the middle of the frame: each spatial mask shifted
+        (circularly, by whole pixels) so that its receptive field's centre
+        (``receptive_field_centres``) is the middle pixel.
+
+        Clustering by *functional* type must not split units by where their receptive fields
+        lie; Burg et al. likewise present every stimulus at each neuron's receptive field.
         """
-        twin = Twin(self.config).to(self.mask.device)
-        twin.load_state_dict(self.state_dict())
+        centres = self.receptive_field_centres(reference)
+        middle = torch.tensor([self.config.height // 2, self.config.width // 2], device=centres.device)
+        shift = (middle - centres).tolist()
+        twin = copy.deepcopy(self)
         with torch.no_grad():
-            weight = self.mask.pow(2)
-            weight = weight / weight.sum((1, 2), keepdim=True).clamp_min(1e-12)
-            rows = torch.arange(self.config.height, device=weight.device, dtype=weight.dtype)
-            cols = torch.arange(self.config.width, device=weight.device, dtype=weight.dtype)
-            cy, cx = (weight.sum(2) * rows).sum(1), (weight.sum(1) * cols).sum(1)  # (U,)
-            dy = (self.config.height // 2 - cy).round().long().tolist()
-            dx = (self.config.width // 2 - cx).round().long().tolist()
-            twin.mask.copy_(torch.stack([m.roll((y, x), (0, 1)) for m, y, x in zip(self.mask, dy, dx)]))
-        return twin.train(self.training)
+            twin.mask.copy_(torch.stack([m.roll(tuple(d), (0, 1)) for m, d in zip(self.mask, shift)]))
+        return twin
 
     def readout_l1(self) -> torch.Tensor:
         """Mean absolute spatial-mask weight (sparse, localised masks)."""
