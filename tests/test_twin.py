@@ -12,7 +12,6 @@ import torch
 
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.responses import ResponseDataModule, ResponseSpec
-from neuroformer.data.splits import SplitSpec
 from neuroformer.errors import ConfigError
 from neuroformer.models.twin import ResponseModel, Twin, TwinConfig
 

@@ -2,10 +2,11 @@
 tell their groups apart, using a model that predicts responses.
 
 The model is anything with ``predict_responses(stimulus (B, T, H, W)) -> rates (B, U)``,
-differentiable in the stimulus (``neuroformer.models.twin.ResponseModel``). Responses are
-divided by each unit's mean response to a set of reference stimuli (``normalize``), so that
-weak and strong units count alike. With ``r_c(s)`` the mean normalised response of cluster
-``c`` to stimulus ``s``, the objective of cluster ``k``'s stimulus ``s_k`` is
+differentiable in the stimulus (``neuroformer.models.twin.ResponseModel``). Each unit's
+responses are normalised by its mean response ``m`` to a set of reference stimuli
+(``normalize``): ``r / (r + m)`` by default (bounded in [0, 1), so that no stimulus can make a
+unit's response arbitrarily large), or ``r / m``. With ``r_c(s)`` the mean normalised response
+of cluster ``c`` to stimulus ``s``, the objective of cluster ``k``'s stimulus ``s_k`` is
 
     J_k = log K + r_k(s_k) / tau - logsumexp_c r_c(s_k) / tau
 
@@ -18,16 +19,23 @@ The algorithm alternates, like expectation-maximisation:
    response profiles over the reference stimuli (or at random), and each cluster's stimulus
    by the reference clip with the highest ``J_k``.
 2. **Optimise** every cluster's stimulus to maximise its ``J_k`` by Adam, warm-started from
-   the last iteration's stimulus. A stimulus is ``constrain(parameters)``: optionally smoothed
-   in space and time, clipped to the stimulus range, and scaled into an L2 ball of radius
+   the last iteration's stimulus. A stimulus is ``Constraint(parameters)``: smoothed in space
+   and time (Gaussian), clipped to the stimulus range, and scaled into an L2 ball of radius
    ``norm`` (by default the mean norm of the reference clips).
 3. **Reassign** every unit to the cluster whose stimulus drives it most (normalised response),
    and **delete** clusters left empty.
 4. Repeat 2-3 until no unit changes cluster or ``max_iter`` iterations. At a fixed point,
-   **split**: for the largest clusters, split the units in two by k-means on their profiles,
-   give the new half the reference clip that drives it best, optimise all stimuli, and keep
-   the split with the highest mean ``J`` if it beats the unsplit mean by ``split_gain``;
-   then continue alternating. Stop at a fixed point where no split is kept.
+   **merge** the pair of clusters told apart least if their pairwise ``separation`` (J of
+   each one's stimulus against the other alone) is under ``min_separation``; else try to
+   **split** each of the largest clusters in two (k-means on its units' profiles; the new half
+   starts from the reference clip that drives it best), optimise all stimuli, and keep the
+   split if every pair of clusters is still told apart by ``min_separation``; then continue
+   alternating. Stop at a fixed point where nothing merges or splits.
+
+Why pairs and not the mean J: the mean of ``J_k`` is bounded by ``log K``, so it rises with
+the number of clusters whatever they are; measured on the twin of the simulated recording,
+splitting a true type in random halves raised it at every step (docs/mds.md). The pairwise
+separation is bounded by ``log 2`` for every K.
 
 Everything here is a pure function of a model and tensors; ``neuroformer.callbacks.mds`` runs it
 during training and ``python -m neuroformer.mds`` on a registered model.
