@@ -20,7 +20,7 @@ DS x 4 directions, untuned) it
    accuracy is next to the majority-type rate (chance);
 6. times MDS and its scaling with units and starting clusters (default twin).
 
-Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/mds_bench.json``.
+Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/mds_bench<tag>.json``.
 
 Usage:
     OMP_NUM_THREADS=1 python bench/mds.py [--out DIR] [--seeds 0 1 2] [--no-run] [--no-scaling]
@@ -106,7 +106,8 @@ def shown_to_cells(stimuli: np.ndarray, rec: Recording, spec: ResponseSpec, unit
     return counts
 
 
-def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, repeats: int) -> list[dict]:
+def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, repeats: int,
+                        settings: dict) -> list[dict]:
     loaded = load(checkpoint)
     spec: ResponseSpec = loaded.spec
     rec = spec.source.read()
@@ -124,7 +125,7 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
         order = rng.permutation(spec.n_units)
         clustered, held = np.sort(order[: round(0.75 * spec.n_units)]), np.sort(order[round(0.75 * spec.n_units):])
         sub = UnitSubset(centred, clustered)
-        cfg = MDSConfig(n_clusters=n_clusters, seed=seed)
+        cfg = MDSConfig(n_clusters=n_clusters, seed=seed, **settings)
         began = time.perf_counter()
         result = mds(sub, reference, cfg, bounds=spec.stimulus_range)
         seconds = time.perf_counter() - began
@@ -196,6 +197,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="presentations of each MDS stimulus to held-out units")
     p.add_argument("--no-run", action="store_true", help="reuse the trained twins in OUT")
     p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--min-separation", type=float, default=MDSConfig.min_separation, help="MDSConfig.min_separation")
+    p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
     args = p.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
@@ -205,10 +208,11 @@ def main() -> None:
                       if args.no_run else train_twin(out, population))
         twin = json.loads((out / "run" / "metrics.json").read_text())
         results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
-                               "start_clusters": k, "rows": evaluate_population(checkpoint, args.seeds, k, args.repeats)}
+                               "start_clusters": k, "rows": evaluate_population(
+            checkpoint, args.seeds, k, args.repeats, {"min_separation": args.min_separation})}
         if population == "default" and not args.no_scaling:
             results["scaling"] = scaling(checkpoint, [30, 60, 90], [6, 12, 24])
-    (args.out / "mds_bench.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))
 
     print("\n| population | twin bits/spike (oracle) | start K | recovered K | ARI MDS | ARI k-means (true K) "
           "| ARI k-means (MDS's K) | online typing acc. (chance) | MDS s |")
