@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from neuroformer.errors import ModelMismatchError
+from neuroformer.models.dendrites import apply_structure, structure
 
 CARD_KEY = "neuroformer"  # where a training checkpoint keeps its model card (Task.on_save_checkpoint)
 
@@ -114,10 +115,16 @@ def family(name: str) -> ModelFamily:
     return getattr(importlib.import_module(module), cls)()
 
 
+def dendrite_card(model: nn.Module) -> dict:
+    """The card entry of a model with dendrite nodes, ``{"dendrites": {layer: sets}}`` (docs/perforated.md); {} without."""
+    layers = structure(model)
+    return {"dendrites": layers} if layers else {}
+
+
 def from_card(card: dict, weights: dict[str, torch.Tensor], train_config: str, uri: str) -> LoadedModel:
     """The model a card describes, with ``weights`` (the network's own state dict), in eval mode."""
     fam = family(card.get("family", "neuroformer"))
-    model = fam.build(card["model_config"])
+    model = apply_structure(fam.build(card["model_config"]), card.get("dendrites") or {})
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -4,8 +4,9 @@ A registered model is an MLflow pyfunc whose artifacts hold everything needed to
 
 - ``weights.pt``: a plain state dict, read with ``weights_only=True``, so loading never runs
   code from the file;
-- ``card.json``: the model card, ``{"family", "model_config", "spec"}`` (the family rebuilds
-  the architecture; the spec turns recordings into its input);
+- ``card.json``: the model card, ``{"family", "model_config", "spec"}`` and ``"dendrites"`` where
+  the model has dendrite nodes (the family rebuilds the architecture; the spec turns recordings
+  into its input);
 - ``config.yaml``: the resolved training config.
 
 The pyfunc face (``FamilyPyfunc``, logged from code rather than pickled) maps named arrays to
@@ -24,7 +25,7 @@ import torch
 
 import neuroformer
 from neuroformer.errors import ModelMismatchError
-from neuroformer.registry.families import LoadedModel, family, from_card
+from neuroformer.registry.families import LoadedModel, dendrite_card, family, from_card
 
 WEIGHTS, CARD, TRAIN_CONFIG = "weights.pt", "card.json", "config.yaml"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc.py")
@@ -35,7 +36,8 @@ def save_model_files(folder: Path, loaded: LoadedModel) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     fam = loaded.model_family
     torch.save({k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}, folder / WEIGHTS)
-    card = {"family": loaded.family, "model_config": fam.model_config(loaded.model), "spec": loaded.spec.to_dict()}
+    card = {"family": loaded.family, "model_config": fam.model_config(loaded.model), "spec": loaded.spec.to_dict(),
+            **dendrite_card(loaded.model)}
     (folder / CARD).write_text(json.dumps(card))
     (folder / TRAIN_CONFIG).write_text(loaded.train_config)
     return {name: str(folder / name) for name in (WEIGHTS, CARD, TRAIN_CONFIG)}

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from neuroformer.evaluate import evaluate
-from neuroformer.registry.families import CARD_KEY, LoadedModel, ModelFamily, family
+from neuroformer.models.dendrites import apply_structure
+from neuroformer.registry.families import CARD_KEY, LoadedModel, ModelFamily, dendrite_card, family
 
 SPLITS = ("train", "val", "test")
 
@@ -135,11 +136,16 @@ class Task(L.LightningModule):
     # ------------------------------------------------------------------ the trained model
 
     def model_card(self) -> dict:
-        """What rebuilds ``self.model`` without this task: family, model config, data spec."""
+        """What rebuilds ``self.model`` without this task: family, model config, data spec (and its
+        dendrite nodes, if it has any: ``neuroformer.callbacks.perforated``)."""
         return {"family": self.family, "model_config": self.model_family.model_config(self.model),
-                "spec": self.spec.to_dict()}
+                "spec": self.spec.to_dict(), **dendrite_card(self.model)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Self-describing checkpoints: the model, its data spec and the training config can be
         # rebuilt from the file alone (neuroformer.registry.load).
         checkpoint[CARD_KEY] = {**self.model_card(), "train_config": self.train_config}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # The checkpoint's dendrite nodes (added while training) exist before its weights load.
+        apply_structure(self.model, checkpoint.get(CARD_KEY, {}).get("dendrites") or {})
