@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +31,7 @@ AUTO_FRAMES = 4  # frames per window (200 ms at 20 Hz) under data.n_frames=auto
 
 def simulated_path(cache_dir: str | Path, config: SimulationConfig) -> Path:
     """Cache file of a simulated recording: one file per distinct simulation config."""
-    key = hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    key = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir) / f"simulated_seed{config.seed}_{key}.nwb"
 
 

@@ -3,7 +3,8 @@
 A population of linear-nonlinear-Poisson units watches a movie while the mouse runs:
 
 * **Units** are ON or OFF centre-surround cells, direction-selective (DS) cells with a
-  drifting-Gabor spatiotemporal filter, or untuned. Each unit's log-rate is
+  drifting-Gabor spatiotemporal filter, or untuned (``population="rich"``: ON and OFF each
+  sustained or transient, DS with four fixed preferred directions, untuned; ``RICH_TYPES``). Each unit's log-rate is
   ``baseline + stimulus drive + speed_gain * speed / SPEED_REF + synaptic input +
   refractoriness``, and it fires at most once per ``dt`` bin (Bernoulli), capped at
   ``max_rate``.
@@ -53,6 +54,11 @@ from neuroformer.errors import ConfigError, RecordingError
 from neuroformer.files import atomic_path
 
 CELL_TYPES = ("ON", "OFF", "DS", "untuned")
+# population="rich": nine functional types, closer to what retina and V1 studies cluster.
+RICH_DIRECTIONS = (0, 90, 180, 270)
+RICH_TYPES = ("ON-sustained", "ON-transient", "OFF-sustained", "OFF-transient",
+              *(f"DS-{d}" for d in RICH_DIRECTIONS), "untuned")
+POPULATIONS = ("default", "rich")
 GRATING_DIRECTIONS = np.arange(0.0, 360.0, 45.0)  # degrees; 0 = rightward, 90 = upward
 SPEED_REF = 20.0  # cm/s: speed_gain is the log-rate change per SPEED_REF of running
 SESSION_START = datetime(2024, 1, 15, 9, 0, 0, tzinfo=timezone.utc)
@@ -86,6 +92,9 @@ class SimulationConfig:
     block_min: float = option(2.0, "shortest grating/noise block, s")
     block_max: float = option(4.0, "longest grating/noise block, s")
     repeat_prob: float = option(0.35, "probability of a repeated clip after each block")
+    population: str = option("default", "cell types: default (ON, OFF, DS, untuned) or rich (ON/OFF x "
+                             "sustained/transient, DS x 4 directions, untuned; the tuned fraction "
+                             "frac_on + frac_off + frac_ds split evenly over the 8 tuned types)")
 
     def __post_init__(self) -> None:
         positive = ("n_units", "duration", "frame_rate", "frame_size", "dt", "mean_rate",
@@ -101,10 +110,20 @@ class SimulationConfig:
             raise ConfigError("simulation dt is too coarse for max_rate or frame_rate (need dt * max_rate < 1, dt <= 0.5 / frame_rate)")
         if self.n_clips < 1:
             raise ConfigError("simulation n_clips must be >= 1")
+        if self.population not in POPULATIONS:
+            raise ConfigError(f"simulation population must be one of {POPULATIONS}, got {self.population!r}")
+
+    def to_dict(self) -> dict:
+        """The fields as plain JSON; ``population`` only when not the default, so the default
+        recording keeps the identifier, cache file and notes it had before the option existed."""
+        d = dataclasses.asdict(self)
+        if d["population"] == "default":
+            del d["population"]
+        return d
 
     def identifier(self) -> str:
         """Deterministic file identifier: seed plus a hash of the whole config."""
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
+        digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode())
         return f"neuroformer-sim-seed{self.seed}-{digest.hexdigest()[:10]}"
 
 
@@ -115,12 +134,12 @@ class GroundTruth:
     Attributes:
         connectivity: (N, N) float64, ``[pre, post]`` = increment of the post unit's
             log-rate right after a pre spike (0 = no link; > 0 excitatory, < 0 inhibitory).
-        cell_types: (N,) str, one of ``CELL_TYPES``.
+        cell_types: (N,) str, one of ``CELL_TYPES`` (``RICH_TYPES`` for the rich population).
         is_excitatory: (N,) bool, sign of every outgoing link (Dale's law).
         receptive_fields: (N, H, W) float32, spatial filter at the temporal kernel's peak
             lag, log-rate per unit of contrast ((pixel - 128) / 128); zeros if untuned.
         preferred_direction: (N,) float64 degrees (0 = rightward, 90 = upward); NaN if
-            not direction selective.
+            not direction selective (DS, DS-<degrees>).
         speed_gain: (N,) float64 log-rate change per ``SPEED_REF`` cm/s of running.
         baseline_rate: (N,) float64 Hz, rate with no stimulus drive, running or input.
     """
@@ -300,9 +319,16 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
     speed trace drawn from ``calib_rng`` (so the population does not depend on duration).
     """
     n, size, fr = cfg.n_units, cfg.frame_size, cfg.frame_rate
-    counts = [round(cfg.frac_on * n), round(cfg.frac_off * n), round(cfg.frac_ds * n)]
-    counts[2] = min(counts[2], n - counts[0] - counts[1])
-    types = np.repeat(np.array(CELL_TYPES), counts + [n - sum(counts)])[rng.permutation(n)]
+    if cfg.population == "rich":
+        tuned = RICH_TYPES[:-1]
+        n_tuned = min(n, round((cfg.frac_on + cfg.frac_off + cfg.frac_ds) * n))
+        counts = [n_tuned // len(tuned) + (k < n_tuned % len(tuned)) for k in range(len(tuned))]
+        names = RICH_TYPES
+    else:
+        counts = [round(cfg.frac_on * n), round(cfg.frac_off * n), round(cfg.frac_ds * n)]
+        counts[2] = min(counts[2], n - counts[0] - counts[1])
+        names = CELL_TYPES
+    types = np.repeat(np.array(names), counts + [n - sum(counts)])[rng.permutation(n)]
 
     # Temporal kernels over the last K frames (about 300 ms).
     n_lags = max(2, math.ceil(0.3 * fr))
@@ -323,8 +349,19 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
                 0.2, 0.4) * _gamma_bump(t, rng.uniform(0.14, 0.2))
             sign = 1.0 if kind == "ON" else -1.0
             st = sign * temporal[:, None, None] * dog[None] / np.abs(temporal).max()
-        elif kind == "DS":
-            preferred[i] = float(rng.choice(GRATING_DIRECTIONS))
+        elif kind.startswith(("ON-", "OFF-")):
+            sc = rng.uniform(1.0, 2.0) * scale
+            ss = 2.5 * sc
+            dog = np.exp(-r2 / (2 * sc**2)) / sc**2 - 0.6 * np.exp(-r2 / (2 * ss**2)) / ss**2
+            if kind.endswith("sustained"):  # one slow lobe: follows the luminance
+                temporal = _gamma_bump(t, rng.uniform(0.08, 0.12))
+            else:  # a fast lobe and a slow lobe of equal area: responds to changes only
+                fast, slow = _gamma_bump(t, rng.uniform(0.04, 0.06)), _gamma_bump(t, rng.uniform(0.14, 0.2))
+                temporal = fast - slow * fast.sum() / slow.sum()
+            sign = 1.0 if kind.startswith("ON") else -1.0
+            st = sign * temporal[:, None, None] * dog[None] / np.abs(temporal).max()
+        elif kind.startswith("DS"):
+            preferred[i] = float(kind[3:]) if kind != "DS" else float(rng.choice(GRATING_DIRECTIONS))
             theta = np.deg2rad(preferred[i])
             proj = x * np.cos(theta) + y * np.sin(theta)
             sf = rng.uniform(0.04, 0.08) / scale
@@ -540,7 +577,7 @@ def _to_nwbfile(sim: Simulation) -> NWBFile:
             "Synthetic benchmark with known ground truth (cell types, receptive fields, "
             "direction tuning, speed gains, synaptic connectivity) for testing models."),
         keywords=["simulation", "ground truth", "visual cortex", "V1", "spikes", "running"],
-        notes=CONFIG_NOTE + json.dumps(dataclasses.asdict(cfg)),
+        notes=CONFIG_NOTE + json.dumps(cfg.to_dict()),
         source_script="neuroformer.data.simulate",
         source_script_file_name="simulate.py",
         subject=Subject(
@@ -559,7 +596,9 @@ def _to_nwbfile(sim: Simulation) -> NWBFile:
     )
     columns = {
         "cell_type": "functional type: ON, OFF (centre-surround), DS (direction selective) "
-                     "or untuned",
+                     "or untuned" if cfg.population == "default" else
+                     "functional type: ON or OFF (centre-surround) -sustained or -transient, "
+                     "DS-<preferred direction, degrees> or untuned",
         "is_excitatory": "True if the unit's outgoing synapses are excitatory (Dale's law)",
         "preferred_direction": "preferred motion direction of DS units, degrees (0 = rightward, "
                                "90 = upward on screen); NaN if not direction selective",

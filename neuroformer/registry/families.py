@@ -33,6 +33,7 @@ CARD_KEY = "neuroformer"  # where a training checkpoint keeps its model card (Ta
 FAMILIES: dict[str, str] = {
     "neuroformer": "neuroformer.tasks.pretrain:NeuroformerFamily",
     "sparse_rnn": "neuroformer.tasks.sparse_rnn:SparseRNNFamily",
+    "twin": "neuroformer.tasks.twin:TwinFamily",
 }
 
 

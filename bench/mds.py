@@ -1,0 +1,240 @@
+"""Evidence for MDS clustering (docs/mds.md): does it recover the simulated functional types?
+
+For each population (``default``: ON, OFF, DS, untuned; ``rich``: ON/OFF x sustained/transient,
+DS x 4 directions, untuned) it
+
+1. trains a digital twin with ``python train.py experiment=twin`` (unless ``--no-run``; the
+   run folder is ``OUT/<population>``) and loads its best checkpoint with ``registry.load``;
+2. draws, per MDS seed, 75% of the units to cluster and holds out the rest;
+3. runs MDS (``neuroformer.inference.mds``, default settings, ``--n-clusters`` to start) on the
+   twin's centred view of the clustered units, and k-means on the same units' (normalised,
+   z-scored) responses to the training clips, with the true number of types (a strong
+   baseline: it is told K) and with MDS's recovered number;
+4. scores the adjusted Rand index on the tuned units against the true types (and, for the
+   default population, against DS split by preferred direction, the functional subtypes),
+   and says where the untuned units land;
+5. types the held-out units *online*: each MDS stimulus is shown (moved to the unit's
+   receptive-field centre, estimated by the twin) to the simulated unit itself (its true
+   linear-nonlinear rate, Poisson counts over ``--repeats`` presentations), the unit goes to
+   the cluster whose stimulus drives it most, and takes that cluster's majority type; the
+   accuracy is next to the majority-type rate (chance);
+6. times MDS and its scaling with units and starting clusters (default twin).
+
+Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/mds_bench<tag>.json``.
+
+Usage:
+    OMP_NUM_THREADS=1 python bench/mds.py [--out DIR] [--seeds 0 1 2] [--no-run] [--no-scaling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroformer.data.recording import Recording
+from neuroformer.data.responses import ResponseSpec, response_data
+from neuroformer.data.simulate import read_config, session_inputs
+from neuroformer.inference.mds import MDSConfig, Normalizer, kmeans, mds, profiles, respond
+from neuroformer.mds import UNTUNED, cell_types, reference_clips
+from neuroformer.metrics.clustering import adjusted_rand_index, majority_types
+from neuroformer.registry import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class UnitSubset(nn.Module):
+    """A response model restricted to some of its units: ``predict_responses`` -> (B, len(index))."""
+
+    def __init__(self, model: nn.Module, index: np.ndarray):
+        super().__init__()
+        self.model, self.index = model, torch.as_tensor(index)
+
+    def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_responses(stimulus)[:, self.index]
+
+
+def train_twin(out: Path, population: str) -> Path:
+    """Train the twin of ``population`` into ``out``; returns its best checkpoint."""
+    cmd = [sys.executable, "train.py", "experiment=twin", f"data.simulate.population={population}",
+           "logger=none", "registry.register=false", f"paths.output_root={out}", f"hydra.run.dir={out}/run"]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"])
+
+
+def subtypes(rec: Recording, spec: ResponseSpec, types: np.ndarray) -> np.ndarray:
+    """Types with DS split by preferred direction (``DS-<degrees>``): the functional subtypes."""
+    column = rec.units.columns["preferred_direction"]
+    index = {n: i for i, n in enumerate(rec.units.names)}
+    direction = np.array([float(column[index[n]]) for n in spec.units])
+    return np.array([f"DS-{d:g}" if t == "DS" else t for t, d in zip(types, direction)])
+
+
+def shown_to_cells(stimuli: np.ndarray, rec: Recording, spec: ResponseSpec, units: np.ndarray,
+                   centres: np.ndarray, repeats: int, rng: np.random.Generator) -> np.ndarray:
+    """(K, len(units)) Poisson counts (summed over ``repeats``) of simulated units shown each stimulus.
+
+    Args:
+        stimuli: (K, T, H, W) z-scored stimuli, centred on the frame's middle pixel.
+        units: indices into ``spec.units`` (= rows of the simulation's Units table).
+        centres: (len(units), 2) receptive-field centre (row, column) of each unit: the stimulus
+            is moved there before it is shown.
+    """
+    config = read_config(rec.path)
+    pop = session_inputs(config).population
+    grey = spec.to_pixels(stimuli) / rec.stimulus.scale  # the file's grey levels (the reader scales them)
+    x = (grey - 128.0) / 128.0  # the simulator's contrast units
+    k, t, h, w = x.shape
+    middle = np.array([h // 2, w // 2])
+    lags = min(t, len(pop.filters))
+    counts = np.zeros((k, len(units)))
+    for j, (u, c) in enumerate(zip(units, centres)):
+        dy, dx = (np.asarray(c) - middle).astype(int)
+        moved = np.roll(x, (dy, dx), axis=(2, 3)).reshape(k, t, -1)
+        drive = sum(moved[:, t - 1 - lag] @ pop.filters[lag][:, u] for lag in range(lags))
+        rate = np.minimum(np.exp(pop.log_baseline[u] + drive), config.max_rate) * spec.response_window
+        counts[:, j] = rng.poisson(rate * repeats)
+    return counts
+
+
+def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, repeats: int,
+                        settings: dict) -> list[dict]:
+    loaded = load(checkpoint)
+    spec: ResponseSpec = loaded.spec
+    rec = spec.source.read()
+    types = cell_types(rec, spec.units)
+    fine = subtypes(rec, spec, types) if "DS" in set(types) else types
+    reference = reference_clips(rec, spec, 1024)
+    model = loaded.model.eval()
+    centred = model.centred(reference[:64])
+    centres = model.receptive_field_centres(reference[:64]).numpy()
+    data = response_data(rec, spec)
+    mean_count = data.counts[data.index["train"]].mean(0)  # (U,) per response window
+    rows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(spec.n_units)
+        clustered, held = np.sort(order[: round(0.75 * spec.n_units)]), np.sort(order[round(0.75 * spec.n_units):])
+        sub = UnitSubset(centred, clustered)
+        cfg = MDSConfig(n_clusters=n_clusters, seed=seed, **settings)
+        began = time.perf_counter()
+        result = mds(sub, reference, cfg, bounds=spec.stimulus_range)
+        seconds = time.perf_counter() - began
+        t, f = types[clustered], fine[clustered]
+        tuned = t != UNTUNED
+        feats = profiles(respond(sub, reference, Normalizer(torch.from_numpy(result.scale), cfg.normalize)).numpy())
+        n_true = len(np.unique(t[tuned]))
+        km_true = kmeans(feats, n_true + 1, seed=seed)  # + 1: the untuned
+        km_same = kmeans(feats, result.n_clusters, seed=seed)
+        majority = majority_types(result.labels[tuned], t[tuned])
+        landed = {majority.get(c, "untuned-only cluster"): 0 for c in result.labels[~tuned]}
+        for c in result.labels[~tuned]:
+            landed[majority.get(c, "untuned-only cluster")] += 1
+
+        # Online typing of the held-out units from their responses to the MDS stimuli alone.
+        counts = shown_to_cells(result.stimuli, rec, spec, held, centres[held], repeats, rng)
+        normalizer = Normalizer(torch.from_numpy(mean_count[held] * repeats), cfg.normalize)
+        assigned = normalizer(torch.from_numpy(counts)).argmax(0).numpy()
+        predicted = np.array([majority.get(c, UNTUNED) for c in assigned])
+        held_tuned = types[held] != UNTUNED
+        values, freq = np.unique(t[tuned], return_counts=True)
+        rows.append({
+            "seed": seed, "n_clusters": result.n_clusters, "seconds": seconds, "iterations": len(result.history),
+            "ari_mds": adjusted_rand_index(result.labels[tuned], t[tuned]),
+            "ari_kmeans_true_k": adjusted_rand_index(km_true[tuned], t[tuned]),
+            "ari_kmeans_same_k": adjusted_rand_index(km_same[tuned], t[tuned]),
+            "ari_mds_subtypes": adjusted_rand_index(result.labels[tuned], f[tuned]),
+            "ari_kmeans_true_k_subtypes": adjusted_rand_index(
+                kmeans(feats, len(np.unique(f[tuned])) + 1, seed=seed)[tuned], f[tuned]),
+            "online_accuracy": float(np.mean(predicted[held_tuned] == types[held][held_tuned])),
+            "online_chance": float(freq.max() / freq.sum()),
+            "untuned_landed": landed, "n_clustered": len(clustered), "n_held_out": len(held),
+            "n_true_types": n_true,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def scaling(checkpoint: Path, units: list[int], clusters: list[int]) -> list[dict]:
+    """Seconds of one MDS run versus units clustered and starting clusters."""
+    loaded = load(checkpoint)
+    spec = loaded.spec
+    rec = spec.source.read()
+    reference = reference_clips(rec, spec, 1024)
+    centred = loaded.model.eval().centred(reference[:64])
+    rows = []
+    for n in units:
+        for k in clusters:
+            sub = UnitSubset(centred, np.arange(n))
+            began = time.perf_counter()
+            result = mds(sub, reference, MDSConfig(n_clusters=k), bounds=spec.stimulus_range)
+            rows.append({"units": n, "start_clusters": k, "seconds": time.perf_counter() - began,
+                         "iterations": len(result.history), "n_clusters": result.n_clusters})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _summary(rows: list[dict], key: str) -> str:
+    v = np.array([r[key] for r in rows], float)
+    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_mds")
+    p.add_argument("--populations", nargs="+", default=["default", "rich"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-clusters", nargs="+", type=int, default=[12, 16], help="start, per population")
+    p.add_argument("--repeats", type=int, default=10, help="presentations of each MDS stimulus to held-out units")
+    p.add_argument("--no-run", action="store_true", help="reuse the trained twins in OUT")
+    p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--min-separation", type=float, default=MDSConfig.min_separation, help="MDSConfig.min_separation")
+    p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    results: dict = {}
+    for population, k in zip(args.populations, args.n_clusters):
+        out = args.out / population
+        checkpoint = (Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"])
+                      if args.no_run else train_twin(out, population))
+        twin = json.loads((out / "run" / "metrics.json").read_text())
+        results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
+                               "start_clusters": k, "rows": evaluate_population(
+            checkpoint, args.seeds, k, args.repeats, {"min_separation": args.min_separation})}
+        if population == "default" and not args.no_scaling:
+            results["scaling"] = scaling(checkpoint, [30, 60, 90], [6, 12, 24])
+    (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))
+
+    print("\n| population | twin bits/spike (oracle) | start K | recovered K | ARI MDS | ARI k-means (true K) "
+          "| ARI k-means (MDS's K) | online typing acc. (chance) | MDS s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for population in args.populations:
+        r, twin = results[population]["rows"], results[population]["twin"]
+        print(f"| {population} | {twin['test/bits_per_spike']:.3f} ({twin.get('test/bits_per_spike_oracle', np.nan):.3f}) "
+              f"| {results[population]['start_clusters']} | {_summary(r, 'n_clusters')} | {_summary(r, 'ari_mds')} "
+              f"| {_summary(r, 'ari_kmeans_true_k')} | {_summary(r, 'ari_kmeans_same_k')} "
+              f"| {_summary(r, 'online_accuracy')} ({_summary(r, 'online_chance')}) | {_summary(r, 'seconds')} |")
+    if "default" in results:
+        r = results["default"]["rows"]
+        print(f"\ndefault population, DS split by preferred direction: ARI MDS {_summary(r, 'ari_mds_subtypes')}, "
+              f"k-means (true K) {_summary(r, 'ari_kmeans_true_k_subtypes')}")
+    for population in args.populations:
+        print(f"untuned units landed ({population}):", [row["untuned_landed"] for row in results[population]["rows"]])
+    if "scaling" in results:
+        print("\n| units | start K | seconds | iterations | recovered K |\n|---|---|---|---|---|")
+        for row in results["scaling"]:
+            print(f"| {row['units']} | {row['start_clusters']} | {row['seconds']:.1f} | {row['iterations']} "
+                  f"| {row['n_clusters']} |")
+
+
+if __name__ == "__main__":
+    main()

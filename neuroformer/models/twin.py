@@ -1,0 +1,152 @@
+"""A digital twin: stimulus clips in, every unit's expected spike count out.
+
+The standard system-identification model of visual neurons: a small convolutional *core*
+shared by all units turns a clip into feature maps, and a per-unit *factorised readout*
+(a spatial mask times a vector of feature weights, as in Klindt et al. 2017) pools them
+into one number per unit, made positive by softplus or exp:
+
+    F = core(stimulus)                                   # (B, C, H, W)
+    rate_u = f( sum_{c,h,w} F[c, h, w] mask_u[h, w] w_u[c] + b_u )
+
+The clip's frames are the first convolution's input channels, so the first layer is a bank
+of spatiotemporal filters (motion and temporal shape are visible to it).
+
+**The response-model protocol.** ``predict_responses(stimulus) -> rates`` with ``stimulus``
+(B, T, H, W) in the model's input units (z-scored pixels, see ``ResponseSpec``) and ``rates``
+(B, U), differentiable in the stimulus. Anything with that method can be optimised by
+``neuroformer.inference.mds``. The Neuroformer does not implement it: it predicts spike
+tokens autoregressively, with no rate head mapping a stimulus alone to per-unit rates.
+
+A model whose units see different parts of the screen may also offer ``centred()``: the same
+model with every unit's receptive field moved to the centre, so that clustering groups units
+by what they respond to rather than where (the MDS tools use it when present).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@runtime_checkable
+class ResponseModel(Protocol):
+    """A model that predicts per-unit responses to stimulus clips, differentiably."""
+
+    def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W) stimulus -> (B, U) non-negative responses."""
+        ...
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    """Sizes of a twin (``conf/model/twin.yaml``; the data's sizes come from its spec).
+
+    Attributes:
+        n_frames, height, width: clip shape (T, H, W).
+        n_units: U, the modelled units.
+        channels: feature maps of each core layer (C).
+        layers: convolutions in the core.
+        kernel: first (spatiotemporal) convolution's size; hidden_kernel: the others'.
+        nonlinearity: the output's, "softplus" or "exp".
+        mean_count: (U,) initial output per unit (its training mean), so training starts at
+            the mean-rate predictor.
+    """
+
+    n_frames: int
+    height: int
+    width: int
+    n_units: int
+    channels: int = 16
+    layers: int = 2
+    kernel: int = 9
+    hidden_kernel: int = 5
+    nonlinearity: str = "softplus"
+    mean_count: tuple[float, ...] = ()
+
+
+class Twin(nn.Module):
+    """Conv core + factorised readout (module docstring)."""
+
+    def __init__(self, config: TwinConfig):
+        super().__init__()
+        if config.nonlinearity not in ("softplus", "exp"):
+            raise ValueError(f"nonlinearity must be 'softplus' or 'exp'; got {config.nonlinearity!r}")
+        self.config = c = config
+        convs, in_ch = [], c.n_frames
+        for i in range(c.layers):
+            k = c.kernel if i == 0 else c.hidden_kernel
+            convs.append(nn.Conv2d(in_ch, c.channels, k, padding=k // 2))
+            in_ch = c.channels
+        self.core = nn.ModuleList(convs)
+        self.mask = nn.Parameter(torch.randn(c.n_units, c.height, c.width) / (c.height * c.width))
+        self.features = nn.Parameter(torch.randn(c.channels, c.n_units) / c.channels**0.5)
+        mean = torch.tensor(c.mean_count, dtype=torch.float32) if c.mean_count else torch.full((c.n_units,), 0.3)
+        mean = mean.clamp_min(1e-3)
+        # Bias so the initial output equals each unit's mean count.
+        self.bias = nn.Parameter(mean.log() if c.nonlinearity == "exp" else mean + torch.log(-torch.expm1(-mean)))
+
+    @classmethod
+    def build(cls, spec, **sizes) -> Twin:
+        """A twin sized for ``spec`` (a ``ResponseSpec``) with the given core sizes."""
+        return cls(TwinConfig(n_frames=spec.n_frames, height=spec.frame_shape[0], width=spec.frame_shape[1],
+                              n_units=spec.n_units, mean_count=tuple(spec.unit_mean_count), **sizes))
+
+    def hparams(self) -> dict:
+        d = asdict(self.config)
+        d["mean_count"] = list(d["mean_count"])
+        return d
+
+    def core_features(self, stimulus: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W) -> (B, C, H, W) feature maps."""
+        x = stimulus
+        for conv in self.core:
+            x = F.elu(conv(x))
+        return x
+
+    def forward(self, stimulus: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W) z-scored clips -> (B, U) expected spike counts in the response window."""
+        pooled = torch.einsum("bchw,uhw->bcu", self.core_features(stimulus), self.mask)  # (B, C, U)
+        drive = (pooled * self.features).sum(1) + self.bias  # (B, U)
+        return torch.exp(drive) if self.config.nonlinearity == "exp" else F.softplus(drive)
+
+    def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
+        """The response-model protocol: ``forward``."""
+        return self(stimulus)
+
+    def receptive_field_centres(self, reference: torch.Tensor) -> torch.Tensor:
+        """(U, 2) (row, column) centre of each unit's receptive field as the model sees it: the
+        peak of its sensitivity map (|d rate / d stimulus| summed over the ``reference`` clips
+        (B, T, H, W) and frames, 3 x 3 box-smoothed). The core's own spatial offsets are in it,
+        which the mask alone would miss."""
+        stimulus = reference.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            rates = self(stimulus)  # (B, U)
+            maps = torch.stack([torch.autograd.grad(rates[:, u].sum(), stimulus, retain_graph=True)[0].abs().sum((0, 1))
+                                for u in range(rates.shape[1])])  # (U, H, W)
+        peak = F.avg_pool2d(maps[:, None], 3, 1, 1, count_include_pad=False).flatten(1).argmax(1)  # (U,)
+        return torch.stack([peak // self.config.width, peak % self.config.width], dim=1)
+
+    def centred(self, reference: torch.Tensor) -> Twin:
+        """A copy whose units all look at the middle of the frame: each spatial mask shifted
+        (circularly, by whole pixels) so that its receptive field's centre
+        (``receptive_field_centres``) is the middle pixel.
+
+        Clustering by *functional* type must not split units by where their receptive fields
+        lie; Burg et al. likewise present every stimulus at each neuron's receptive field.
+        """
+        centres = self.receptive_field_centres(reference)
+        middle = torch.tensor([self.config.height // 2, self.config.width // 2], device=centres.device)
+        shift = (middle - centres).tolist()
+        twin = copy.deepcopy(self)
+        with torch.no_grad():
+            twin.mask.copy_(torch.stack([m.roll(tuple(d), (0, 1)) for m, d in zip(self.mask, shift)]))
+        return twin
+
+    def readout_l1(self) -> torch.Tensor:
+        """Mean absolute spatial-mask weight (sparse, localised masks)."""
+        return self.mask.abs().mean()
