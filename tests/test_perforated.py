@@ -15,6 +15,7 @@ from neuroformer.callbacks.perforated import Perforated
 from neuroformer.errors import ConfigError
 from neuroformer.models import dendrites as dn
 from neuroformer.models.rnn import RateRNN, RNNConfig
+from neuroformer.models.twin import Twin, TwinConfig
 
 
 def _with_trained_dendrites(model: nn.Module, sets: int = 2, seed: int = 0) -> nn.Module:
@@ -38,7 +39,9 @@ def test_adding_dendrites_leaves_outputs_exactly_unchanged():
     rnn = RateRNN(RNNConfig(n_inputs=3, n_outputs=2, n_recorded=2, hidden=12)).eval()
     conv = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 2, 1))
     image = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
-    cases = [(rnn, torch.randn(4, 9, 3)), (conv, torch.randn(2, 2, 11)), (image, torch.randn(2, 1, 6, 6))]
+    twin = Twin(TwinConfig(n_frames=3, height=12, width=12, n_units=5, channels=4, kernel=5, hidden_kernel=3))
+    cases = [(rnn, torch.randn(4, 9, 3)), (conv, torch.randn(2, 2, 11)), (image, torch.randn(2, 1, 6, 6)),
+             (twin, torch.randn(2, 3, 12, 12))]
     for model, x in cases:
         before = model(x)
         for k in range(3):  # each new set has zero output weights, whatever the earlier sets do
@@ -326,6 +329,35 @@ def test_neuroformer_trains_with_dendrites_and_loads_back(small_sim_path, tmp_pa
     layers = dn.structure(loaded.model)
     assert layers["blocks.0.mlp.0"] >= 1 and layers["id_head"] >= 1 and len(set(layers.values())) == 1
     assert torch.load(metrics["best_checkpoint"], weights_only=True)["neuroformer"]["dendrites"] == layers
+
+
+def test_twin_trains_with_dendrites_on_its_convolutions_and_loads_back(small_sim_path, tmp_path):
+    from neuroformer import registry
+    from neuroformer.training import train
+    from tests.configs import compose
+
+    cfg = compose(["experiment=twin", "model.channels=4", "data.n_frames=3", *QUICK, "trainer.max_epochs=3",
+                   "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1",
+                   "registry.register=false", "logger=none"], tmp_path, sim_path=small_sim_path)
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = json.loads((out / "metrics.json").read_text())
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["Perforated"]
+    assert [h["phase"] for h in state["history"]] == ["neuron", "dendrite", "neuron"]
+    best = registry.load(metrics["best_checkpoint"])
+    layers = dn.structure(best.model)
+    assert set(layers) == {"core.0", "core.1"} and len(set(layers.values())) == 1  # per output channel
+    # The reloaded twin is the tested one: its Poisson loss on the test batch is the run's.
+    from hydra.utils import instantiate
+
+    from neuroformer.tasks.twin import poisson_nll
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    batch = next(iter(datamodule.test_dataloader()))  # limit_test_batches=1: the run's test set
+    with torch.no_grad():
+        nll = poisson_nll(best.model(batch.stimulus), batch.counts).item()
+    assert nll == pytest.approx(metrics["test/poisson_nll"], rel=1e-5)
 
 
 def test_deepspeed_trainers_are_refused(tmp_path):
