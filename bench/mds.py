@@ -20,6 +20,9 @@ DS x 4 directions, untuned) it
    accuracy is next to the majority-type rate (chance);
 6. times MDS and its scaling with units and starting clusters (default twin).
 
+``--true-model`` replaces the twin by the simulation's own units (``TrueModel``, receptive
+fields centred exactly): what MDS reaches with a perfect model.
+
 Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/mds_bench<tag>.json``.
 
 Usage:
@@ -62,9 +65,40 @@ class UnitSubset(nn.Module):
         return self.model.predict_responses(stimulus)[:, self.index]
 
 
-def train_twin(out: Path, population: str) -> Path:
+class TrueModel(nn.Module):
+    """The simulation's own linear-nonlinear units as a response model, every receptive field
+    moved to the middle of the frame: MDS with a perfect, centred twin (the algorithm's ceiling).
+
+    ``predict_responses`` takes the twin's z-scored clips and returns expected counts per
+    response window, ``exp(baseline + drive)``, without running or synaptic input.
+    """
+
+    def __init__(self, rec: Recording, spec: ResponseSpec):
+        super().__init__()
+        pop = session_inputs(read_config(rec.path)).population
+        lags, hw, n = pop.filters.shape
+        h, w = spec.frame_shape
+        filters = pop.filters.transpose(2, 0, 1).reshape(n, lags, h, w)
+        energy = np.abs(pop.truth.receptive_fields).reshape(n, -1)
+        rows, cols = np.divmod(energy.argmax(1), w)
+        self.centres = np.stack([rows, cols], axis=1)  # (N, 2) true receptive-field centres
+        moved = [np.roll(f, (h // 2 - r, w // 2 - c), axis=(1, 2)) for f, r, c in zip(filters, rows, cols)]
+        self.register_buffer("filters", torch.from_numpy(np.stack(moved)).float())  # (N, L, H, W), lag 0 first
+        self.register_buffer("log_baseline", torch.from_numpy(pop.log_baseline).float())
+        self.spec, self.scale = spec, rec.stimulus.scale
+
+    def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
+        contrast = ((stimulus * self.spec.frame_std + self.spec.frame_mean) / self.scale - 128.0) / 128.0
+        lags = min(stimulus.shape[1], self.filters.shape[1])
+        recent = contrast[:, -lags:].flip(1)  # (B, lags, H, W), the current frame first
+        drive = torch.einsum("blhw,nlhw->bn", recent, self.filters[:, :lags])
+        return torch.exp(self.log_baseline + drive) * self.spec.response_window
+
+
+def train_twin(out: Path, population: str, max_epochs: int) -> Path:
     """Train the twin of ``population`` into ``out``; returns its best checkpoint."""
     cmd = [sys.executable, "train.py", "experiment=twin", f"data.simulate.population={population}",
+           f"trainer.max_epochs={max_epochs}",
            "logger=none", "registry.register=false", f"paths.output_root={out}", f"hydra.run.dir={out}/run"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -107,16 +141,21 @@ def shown_to_cells(stimuli: np.ndarray, rec: Recording, spec: ResponseSpec, unit
 
 
 def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, repeats: int,
-                        settings: dict) -> list[dict]:
+                        settings: dict, true_model: bool = False) -> list[dict]:
+    """Rows of scores per MDS seed (module docstring); ``true_model``: MDS on ``TrueModel``."""
     loaded = load(checkpoint)
     spec: ResponseSpec = loaded.spec
     rec = spec.source.read()
     types = cell_types(rec, spec.units)
     fine = subtypes(rec, spec, types) if "DS" in set(types) else types
     reference = reference_clips(rec, spec, 1024)
-    model = loaded.model.eval()
-    centred = model.centred(reference[:64])
-    centres = model.receptive_field_centres(reference[:64]).numpy()
+    if true_model:
+        centred = TrueModel(rec, spec)
+        centres = centred.centres
+    else:
+        model = loaded.model.eval()
+        centred = model.centred(reference[:64])
+        centres = model.receptive_field_centres(reference[:64]).numpy()
     data = response_data(rec, spec)
     mean_count = data.counts[data.index["train"]].mean(0)  # (U,) per response window
     rows = []
@@ -196,20 +235,23 @@ def main() -> None:
     p.add_argument("--n-clusters", nargs="+", type=int, default=[12, 16], help="start, per population")
     p.add_argument("--repeats", type=int, default=10, help="presentations of each MDS stimulus to held-out units")
     p.add_argument("--no-run", action="store_true", help="reuse the trained twins in OUT")
+    p.add_argument("--max-epochs", type=int, default=8, help="twin training epochs (experiment=twin: 8)")
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--min-separation", type=float, default=MDSConfig.min_separation, help="MDSConfig.min_separation")
     p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
+    p.add_argument("--true-model", action="store_true",
+                   help="run MDS on the simulation's own (centred) units instead of the twin: the ceiling")
     args = p.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
     for population, k in zip(args.populations, args.n_clusters):
         out = args.out / population
         checkpoint = (Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"])
-                      if args.no_run else train_twin(out, population))
+                      if args.no_run else train_twin(out, population, args.max_epochs))
         twin = json.loads((out / "run" / "metrics.json").read_text())
         results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
                                "start_clusters": k, "rows": evaluate_population(
-            checkpoint, args.seeds, k, args.repeats, {"min_separation": args.min_separation})}
+            checkpoint, args.seeds, k, args.repeats, {"min_separation": args.min_separation}, args.true_model)}
         if population == "default" and not args.no_scaling:
             results["scaling"] = scaling(checkpoint, [30, 60, 90], [6, 12, 24])
     (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))

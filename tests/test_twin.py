@@ -175,3 +175,12 @@ def test_mds_on_a_trained_twin_recovers_the_simulated_types(tmp_path):
     summary = json.loads((out / "mds" / "final" / "mds.json").read_text())
     assert summary["ari_tuned"] > 0.4
     assert summary["ari_tuned"] >= summary["ari_tuned_kmeans"] - 0.05
+
+
+def test_the_mds_callback_refuses_a_model_without_predict_responses(small_sim_path, tmp_path):
+    from neuroformer.training import train
+    from tests.configs import compose
+
+    cfg = compose(["callbacks=mds", "debug=fast_dev_run", "logger=none"], tmp_path, small_sim_path)
+    with pytest.raises(ConfigError, match="predict_responses.*Neuroformer"):
+        train(cfg)
