@@ -14,7 +14,9 @@ from neuroformer.inference.connectivity import (
     lagged_pair_counts,
     spikes_in_windows,
 )
+from neuroformer.inference.perturbation import insertion_lags, past_tokens, perturbation_influence
 from neuroformer.metrics.links import _auroc_ap, score_links
+from neuroformer.models.neuroformer import ModelOutput
 from tests.test_model import make_batch, make_model
 
 
@@ -114,6 +116,69 @@ def test_attention_x_gradient_averages_each_pairs_relevance():
              if post[b, t] == j and pre[b, k] == i]
     assert counts[i, j] == len(pairs)
     assert influence[i, j] == pytest.approx(float(sum(relevance[b, t, k] for b, t, k in pairs)) / len(pairs), rel=1e-5)
+
+
+class CoupledToy(torch.nn.Module):
+    """A next-spike model with known coupling: each past spike of unit i in the last ``recent`` dt bins adds
+    ``weights[i, j]`` to unit j's ID logit at every current position (the true answer of the perturbation)."""
+
+    def __init__(self, weights: np.ndarray, n_past_bins: int, recent: int, n_dt: int):
+        super().__init__()
+        self.weights = torch.nn.Parameter(torch.as_tensor(weights, dtype=torch.float32))
+        self.n_past_bins, self.recent, self.n_dt = n_past_bins, recent, n_dt
+
+    def forward(self, x) -> ModelOutput:
+        U = len(self.weights)
+        unit, past_bin = x.past_ids - N_SPECIAL, x.past_dts - N_SPECIAL
+        recent = (unit >= 0) & (past_bin >= self.n_past_bins - self.recent)
+        counts = (torch.nn.functional.one_hot(unit.clamp(min=0), U) * recent[..., None]).sum(1).float()  # (B, U)
+        B, T = x.ids.shape
+        ids = torch.zeros(B, T, N_SPECIAL + U)
+        ids[..., N_SPECIAL:] = (counts @ self.weights)[:, None, :]
+        return ModelOutput(ids, torch.zeros(B, T, self.n_dt))
+
+
+def test_past_tokens_match_the_dataset_and_add_one_spike(small_sim_path):
+    from neuroformer.data.dataset import InputSpec, WindowDataset
+    from neuroformer.data.tokenizer import SpikeTokenizer
+    from neuroformer.data.vocabulary import UnitVocabulary
+
+    rec = read_nwb(small_sim_path)
+    tok = SpikeTokenizer(max_past_tokens=40)  # some windows overflow: truncation must match too
+    spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
+    t0 = np.arange(5.0, 15.0, 0.05)
+    batch = WindowDataset([rec], spec, [t0]).__getitems__(list(range(len(t0))))
+    times, units = rec.units.spike_times, rec.units.spike_units
+    none = np.full(len(t0), -1)
+    ids, dts = past_tokens(tok, times, units, t0, none, np.zeros(len(t0)))
+    assert torch.equal(ids, batch.past_ids) and torch.equal(dts, batch.past_dts)
+    lags = insertion_lags(tok, 0.010)
+    np.testing.assert_allclose(lags, [0.0025, 0.0075])  # centres of the last two 5 ms bins
+    added, added_dts = past_tokens(tok, times, units, t0, np.full(len(t0), 7), np.full(len(t0), lags[1]))
+    fits = (batch.past_ids != PAD).sum(1) < tok.max_past_tokens
+    new = ((added == 7 + N_SPECIAL) & (added_dts == tok.n_past_bins - 2 + N_SPECIAL)).sum(1) - \
+        ((batch.past_ids == 7 + N_SPECIAL) & (batch.past_dts == tok.n_past_bins - 2 + N_SPECIAL)).sum(1)
+    assert 20 < fits.sum() < len(t0) - 20 and (new[fits] == 1).all()  # 71 of 200 have room
+
+
+def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path):
+    from neuroformer.data.dataset import InputSpec
+    from neuroformer.data.tokenizer import SpikeTokenizer
+    from neuroformer.data.vocabulary import UnitVocabulary
+
+    rec = read_nwb(small_sim_path)
+    U, tok = rec.units.n_units, SpikeTokenizer()
+    weights = np.zeros((U, U))
+    weights[3, 7], weights[5, 2], weights[7, 11] = 0.8, -1.2, 0.3  # excitatory, inhibitory, a chain
+    model = CoupledToy(weights, tok.n_past_bins, recent=2, n_dt=tok.dt_vocab_size)
+    spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
+    z = perturbation_influence(model, spec, rec, np.arange(1.0, 50.0, 0.05), n_contexts=64, batch_size=256)
+    assert np.isnan(np.diag(z)).all()
+    scores = score_links(z, weights)
+    assert scores.auroc == 1 and scores.direction_auroc == 1
+    assert scores.excitatory_auroc == 1 and scores.inhibitory_auroc == 1
+    assert z[3, 7] > 0 and z[7, 11] > 0 and z[5, 2] < 0
+    assert np.nanmax(np.abs(np.where(weights == 0, z, 0))) < 1e-3 * min(abs(z[3, 7]), abs(z[5, 2]), z[7, 11])
 
 
 @pytest.mark.slow
