@@ -87,31 +87,32 @@ def _early_log_probs(model: Neuroformer, x: NeuroformerInput, horizon_bins: int,
     return (logp * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def context_starts(t0: np.ndarray, n_contexts: int) -> np.ndarray:
+    """``n_contexts`` evenly spaced window starts among ``t0`` (all of them if there are fewer)."""
+    t0 = np.asarray(t0, dtype=np.float64)
+    if len(t0) == 0:
+        raise ValueError("perturbation: no context windows")
+    return t0[np.unique(np.linspace(0, len(t0) - 1, min(n_contexts, len(t0))).round().astype(np.int64))]
+
+
 @torch.no_grad()
-def perturbation_influence(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray,
-                           n_contexts: int = 512, max_lag: float = 0.010, horizon: float = 0.010,
-                           batch_size: int = 512, log_every: float = 30.0) -> np.ndarray:
-    """(U, U) ``[pre, post]`` z-scored effect of an added spike of pre on post's next-spike probability.
+def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray,
+                         max_lag: float = 0.010, horizon: float = 0.010, batch_size: int = 512,
+                         log_every: float = 30.0) -> np.ndarray:
+    """(C, U, U) float32 ``d[c, pre, post]``: the effect of an added spike of pre on post in context c.
 
     Args:
         model: a trained Neuroformer (eval mode). spec: its input spec. rec: the recording
             (units in its own order; each must be in the model's vocabulary).
-        t0: (B,) candidate context windows (e.g. the training or test block's window starts);
-            ``n_contexts`` evenly spaced ones among them are used.
+        t0: (C,) context windows' starts, seconds (e.g. ``context_starts`` of a block's windows).
         max_lag: the spike is added in a past dt bin ending within this many seconds of the window.
         horizon: positions whose input spike (or SOS) lies in the window's first ``horizon``
             seconds are scored (at least the first dt bin).
         batch_size: model rows per forward pass (each context costs U + 1 rows).
         log_every: seconds between progress lines.
-
-    Returns:
-        M (U, U) float64, rows and columns the recording's units; NaN on the diagonal.
     """
     tok = spec.tokenizer
     t0 = np.asarray(t0, dtype=np.float64)
-    if len(t0) == 0:
-        raise ValueError("perturbation_influence: no context windows")
-    t0 = t0[np.unique(np.linspace(0, len(t0) - 1, min(n_contexts, len(t0))).round().astype(np.int64))]
     dataset = WindowDataset([rec], spec, [t0])
     vocab_units = spec.vocab.indices(rec.units.names, rec.path)  # recording row -> vocabulary unit
     times, units = rec.units.spike_times, vocab_units[rec.units.spike_units]
@@ -120,7 +121,7 @@ def perturbation_influence(model: Neuroformer, spec: InputSpec, rec: Recording, 
     device = next(model.parameters()).device
     unit_tokens = torch.as_tensor(vocab_units + N_SPECIAL, device=device)
     per_chunk = max(1, batch_size // (U + 1))
-    total, total_sq = np.zeros((U, U)), np.zeros((U, U))
+    effects = np.empty((len(t0), U, U), np.float32)
     began = last = time.perf_counter()
     for lo in range(0, len(t0), per_chunk):
         ctx = np.arange(lo, min(lo + per_chunk, len(t0)))
@@ -137,17 +138,30 @@ def perturbation_influence(model: Neuroformer, spec: InputSpec, rec: Recording, 
                              base.behavior[pick] if base.behavior is not None else None)
         x = NeuroformerInput(*(v.to(device) if v is not None else None for v in x))
         logp = _early_log_probs(model, x, horizon_bins, unit_tokens).double().cpu().numpy().reshape(len(ctx), U + 1, U)
-        d = logp[:, 1:] - logp[:, :1]  # (C, i, j)
-        d -= np.median(d, axis=2, keepdims=True)
-        total += d.sum(0)
-        total_sq += (d ** 2).sum(0)
+        d = logp[:, 1:] - logp[:, :1]  # (C, pre, post)
+        effects[ctx] = d - np.median(d, axis=2, keepdims=True)
         if time.perf_counter() - last > log_every:
             last = time.perf_counter()
             log.info("perturbation: %d/%d contexts x %d units, %.0f s", ctx[-1] + 1, len(t0), U, last - began)
-    n = len(t0)
+    log.info("perturbation: %d contexts x %d units in %.0f s", len(t0), U, time.perf_counter() - began)
+    return effects
+
+
+def z_score(total: np.ndarray, total_sq: np.ndarray, n: float) -> np.ndarray:
+    """(U, U) mean / standard error over contexts from the sums of ``d`` and ``d**2`` over n contexts; NaN diagonal."""
     mean = total / n
     sd = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1))
     z = mean / np.maximum(sd, 1e-12) * math.sqrt(n)
     np.fill_diagonal(z, np.nan)
-    log.info("perturbation: %d contexts x %d units in %.0f s", n, U, time.perf_counter() - began)
     return z
+
+
+def perturbation_influence(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray,
+                           n_contexts: int = 512, **kwargs) -> np.ndarray:
+    """(U, U) ``[pre, post]`` z-scored effect of an added spike of pre on post's next-spike probability.
+
+    ``n_contexts`` evenly spaced windows among ``t0`` are the contexts; kwargs: ``perturbation_effects``'.
+    Rows and columns are the recording's units; the diagonal is NaN.
+    """
+    d = perturbation_effects(model, spec, rec, context_starts(t0, n_contexts), **kwargs).astype(np.float64)
+    return z_score(d.sum(0), (d ** 2).sum(0), len(d))
