@@ -14,7 +14,13 @@ from neuroformer.inference.connectivity import (
     lagged_pair_counts,
     spikes_in_windows,
 )
-from neuroformer.inference.perturbation import insertion_lags, past_tokens, perturbation_influence
+from neuroformer.inference.perturbation import (
+    current_tokens,
+    insertion_lags,
+    past_tokens,
+    perturbation_effects,
+    perturbation_influence,
+)
 from neuroformer.metrics.links import _auroc_ap, score_links
 from neuroformer.models.neuroformer import ModelOutput
 from tests.test_model import make_batch, make_model
@@ -119,8 +125,8 @@ def test_attention_x_gradient_averages_each_pairs_relevance():
 
 
 class CoupledToy(torch.nn.Module):
-    """A next-spike model with known coupling: each past spike of unit i in the last ``recent`` dt bins adds
-    ``weights[i, j]`` to unit j's ID logit at every current position (the true answer of the perturbation)."""
+    """A next-spike model with known coupling: each spike of unit i in the last ``recent`` past dt bins, and each
+    earlier spike of i in the current window, adds ``weights[i, j]`` to unit j's ID logit (the true answer)."""
 
     def __init__(self, weights: np.ndarray, n_past_bins: int, recent: int, n_dt: int):
         super().__init__()
@@ -129,12 +135,13 @@ class CoupledToy(torch.nn.Module):
 
     def forward(self, x) -> ModelOutput:
         U = len(self.weights)
-        unit, past_bin = x.past_ids - N_SPECIAL, x.past_dts - N_SPECIAL
-        recent = (unit >= 0) & (past_bin >= self.n_past_bins - self.recent)
-        counts = (torch.nn.functional.one_hot(unit.clamp(min=0), U) * recent[..., None]).sum(1).float()  # (B, U)
+        one_hot = lambda ids: torch.nn.functional.one_hot((ids - N_SPECIAL).clamp(min=0), U) * (ids >= N_SPECIAL)[..., None]  # noqa: E731
+        recent = (x.past_dts - N_SPECIAL >= self.n_past_bins - self.recent)[..., None]
+        past = (one_hot(x.past_ids) * recent).sum(1, keepdim=True).float()  # (B, 1, U)
+        current = one_hot(x.ids).cumsum(1).float()  # (B, T, U): spikes up to and including each position
         B, T = x.ids.shape
         ids = torch.zeros(B, T, N_SPECIAL + U)
-        ids[..., N_SPECIAL:] = (counts @ self.weights)[:, None, :]
+        ids[..., N_SPECIAL:] = (past + current) @ self.weights
         return ModelOutput(ids, torch.zeros(B, T, self.n_dt))
 
 
@@ -161,7 +168,8 @@ def test_past_tokens_match_the_dataset_and_add_one_spike(small_sim_path):
     assert 20 < fits.sum() < len(t0) - 20 and (new[fits] == 1).all()  # 71 of 200 have room
 
 
-def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path):
+@pytest.mark.parametrize("site", ["window", "past"])
+def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path, site):
     from neuroformer.data.dataset import InputSpec
     from neuroformer.data.tokenizer import SpikeTokenizer
     from neuroformer.data.vocabulary import UnitVocabulary
@@ -172,13 +180,35 @@ def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path):
     weights[3, 7], weights[5, 2], weights[7, 11] = 0.8, -1.2, 0.3  # excitatory, inhibitory, a chain
     model = CoupledToy(weights, tok.n_past_bins, recent=2, n_dt=tok.dt_vocab_size)
     spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
-    z = perturbation_influence(model, spec, rec, np.arange(1.0, 50.0, 0.05), n_contexts=64, batch_size=256)
+    t0 = np.arange(1.0, 50.0, 0.05)
+    z = perturbation_influence(model, spec, rec, t0, n_contexts=64, batch_size=256, site=site)
     assert np.isnan(np.diag(z)).all()
     scores = score_links(z, weights)
-    assert scores.auroc == 1 and scores.direction_auroc == 1
-    assert scores.excitatory_auroc == 1 and scores.inhibitory_auroc == 1
+    assert min(scores.auroc, scores.ap, scores.direction_auroc, scores.excitatory_auroc,
+               scores.inhibitory_auroc) == pytest.approx(1)
     assert z[3, 7] > 0 and z[7, 11] > 0 and z[5, 2] < 0
-    assert np.nanmax(np.abs(np.where(weights == 0, z, 0))) < 1e-3 * min(abs(z[3, 7]), abs(z[5, 2]), z[7, 11])
+    # Each context's effect is exactly the coupling (or 0 where no position was scored); a misaligned comparison
+    # (another spike counted as the added one) would leak into other pairs.
+    d = perturbation_effects(model, spec, rec, t0[:64], site=site)
+    off = ~np.eye(U, dtype=bool)
+    exact = np.abs(d - weights).max(axis=(1, 2)) < 1e-4
+    unscored = np.abs(d[:, off]).max(axis=1) < 1e-4
+    assert (exact | unscored).all() and exact.mean() > 0.5
+
+
+def test_current_tokens_match_the_dataset(small_sim_path):
+    from neuroformer.data.dataset import InputSpec, WindowDataset
+    from neuroformer.data.tokenizer import SpikeTokenizer
+    from neuroformer.data.vocabulary import UnitVocabulary
+
+    rec = read_nwb(small_sim_path)
+    tok = SpikeTokenizer(max_tokens=12)
+    spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
+    t0 = np.arange(5.0, 15.0, 0.05)
+    batch = WindowDataset([rec], spec, [t0]).__getitems__(list(range(len(t0))))
+    ids, dts = current_tokens(tok, rec.units.spike_times, rec.units.spike_units, t0, np.full(len(t0), -1),
+                              np.zeros(len(t0)))
+    assert torch.equal(ids, batch.ids) and torch.equal(dts, batch.dts)
 
 
 @pytest.mark.slow

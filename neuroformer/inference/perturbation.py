@@ -1,12 +1,23 @@
 """Connectivity by asking the model the causal question: what does one more spike of unit i do to unit j?
 
-For each of many real contexts (windows of a recording) and each unit i, a spike of i is
-inserted into the past window ``lag`` seconds before the current window (``lag`` the centre of
-one of the past dt bins within ``max_lag``, cycled over contexts and units), and the model is
-run on the true current window, teacher-forced. At every current position in the first
-``horizon`` seconds of the window (the SOS and every spike token whose dt bin starts there),
-the next-token ID distribution gives ``log p(next spike is unit j)``; its mean over those
-positions, minus the same without the inserted spike, is the effect ``d[c, i, j]`` in context c.
+For each of many real contexts (windows of a recording) and each unit i, one spike of i is
+added to the window's spikes, and the model is run teacher-forced on the perturbed and on the
+true window. At the scored current positions (those whose input token lies in the dt bins just
+after the added spike), the next-token ID distribution gives ``log p(next spike is unit j)``;
+its mean over those positions, minus the same on the true window, is the effect
+``d[c, i, j]`` in context c. Where the spike is added (``site``):
+
+* ``"window"`` (default): in the first dt bin of the current window; scored are the positions
+  whose input spike lies in the next ``horizon`` seconds of bins (bins 1, 2, ...), each
+  compared with the same position of the true window (one token earlier: the added token
+  shifts them by one). Positions in the added spike's own bin are not scored: within a bin the
+  tokens are ordered by unit, so there the next unit is constrained by the added one's index,
+  which says nothing about synapses.
+* ``"past"``: in the past window, in one of the dt bins ending within ``max_lag`` of the window
+  (cycled over contexts and units); scored are the SOS and the positions whose input spike lies
+  in the first ``horizon`` seconds of the current window. This asks the cross-attention path
+  (the past-window encoder), which the models here learn later than the in-window path
+  (docs/connectivity.md).
 
 * ``log p`` is the right scale: the next spike is unit j with probability proportional to
   j's rate, so a synapse that multiplies j's rate by ``e^w`` moves ``log p_j`` by ``w``, minus
@@ -16,7 +27,7 @@ positions, minus the same without the inserted spike, is the effect ``d[c, i, j]
 * The estimate is the z-score over contexts, ``M[i, j] = mean_c d / (std_c d / sqrt(n))``:
   a link is an effect that is consistent across contexts, not one large effect in a few.
 * Only the model's forward pass is used (``Neuroformer.forward``'s ID logits), and the
-  perturbed past windows are tokenised by the tokenizer itself, so the estimator follows any
+  perturbed windows are tokenised by the tokenizer itself, so the estimator follows any
   change of the architecture or of the tokenisation rules.
 
 ``perturbation_influence`` returns ``M`` (U, U) ``[pre, post]`` over the recording's units, to
@@ -34,10 +45,11 @@ import torch
 
 from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.recording import Recording
-from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS, SpikeTokenizer
+from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS, EncodedWindows, SpikeTokenizer
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerInput
 
 log = logging.getLogger(__name__)
+SITES = ("window", "past")
 
 
 def insertion_lags(tok: SpikeTokenizer, max_lag: float) -> np.ndarray:
@@ -46,44 +58,59 @@ def insertion_lags(tok: SpikeTokenizer, max_lag: float) -> np.ndarray:
     return (np.arange(min(k, tok.n_past_bins)) + 0.5) * tok.resolution
 
 
-def past_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0: np.ndarray,
-                extra_unit: np.ndarray, extra_lag: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Past-window tokens of windows starting at ``t0``, each with one added spike, tokenised as the dataset does.
+def window_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, start: np.ndarray, length: float,
+                  max_len: int, extra_unit: np.ndarray, extra_offset: np.ndarray) -> EncodedWindows:
+    """``tok.encode`` of the windows ``[start, start + length)``, each with one added spike.
 
     Args:
         times: (n,) sorted spike times, seconds. units: (n,) their vocabulary unit indices.
-        t0: (R,) current-window starts, seconds.
-        extra_unit: (R,) vocabulary unit index of the spike added to each row's past (-1: none).
-        extra_lag: (R,) seconds before ``t0`` of the added spike.
-
-    Returns:
-        past_ids, past_dts (R, max_past_tokens) int64.
+        start: (R,) window starts, seconds. length, max_len: as ``SpikeTokenizer.encode``'s.
+        extra_unit: (R,) vocabulary unit index of the spike added to each row (-1: none).
+        extra_offset: (R,) seconds after ``start`` of the added spike.
     """
-    pw, R = tok.past_window, len(t0)
-    # Each row's past window is laid out on its own stretch of a virtual time axis, so windows
-    # that overlap in real time do not see each other's added spike.
-    stride = math.ceil(pw) + 1.0
-    origin = np.arange(R) * stride
-    lo = np.searchsorted(times, t0 - pw, side="left")
-    n = np.searchsorted(times, t0, side="left") - lo
+    R = len(start)
+    # Each row's window is laid out on its own stretch of a virtual time axis, so windows that
+    # overlap in real time do not see each other's added spike.
+    origin = np.arange(R) * (math.ceil(length) + 1.0)
+    lo = np.searchsorted(times, start, side="left")
+    n = np.searchsorted(times, start + length, side="left") - lo
     row = np.repeat(np.arange(R), n)
     idx = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(n.sum())
     add = extra_unit >= 0
-    v_times = np.concatenate([origin[row] + (times[idx] - (t0[row] - pw)), origin[add] + pw - extra_lag[add]])
+    v_times = np.concatenate([origin[row] + (times[idx] - start[row]), origin[add] + extra_offset[add]])
     v_units = np.concatenate([units[idx], extra_unit[add]])
     order = np.lexsort((v_units, v_times))
-    enc = tok.encode(v_times[order], v_units[order], origin, pw, tok.max_past_tokens - 1)
+    return tok.encode(v_times[order], v_units[order], origin, length, max_len)
+
+
+def past_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0: np.ndarray,
+                extra_unit: np.ndarray, extra_lag: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Past-window tokens (R, max_past_tokens) of windows starting at ``t0`` (R,), as the dataset makes them, each
+    with a spike of ``extra_unit`` (-1: none) added ``extra_lag`` seconds before ``t0`` (``window_tokens``)."""
+    enc = window_tokens(tok, times, units, t0 - tok.past_window, tok.past_window, tok.max_past_tokens - 1,
+                        extra_unit, tok.past_window - extra_lag)
     seq = tok.past_sequences(enc)
     return torch.from_numpy(seq["past_ids"]), torch.from_numpy(seq["past_dts"])
 
 
-def _early_log_probs(model: Neuroformer, x: NeuroformerInput, horizon_bins: int, unit_tokens: torch.Tensor
-                     ) -> torch.Tensor:
-    """(R, U) mean over the early current positions of ``log p(next ID = unit)`` (module docstring)."""
-    logp = model(x).id_logits.float().log_softmax(-1)[..., unit_tokens]  # (R, T, U)
-    bins = x.dts - N_SPECIAL
-    early = (x.ids == SOS) | ((x.ids != PAD) & (x.ids >= N_SPECIAL) & (bins >= 0) & (bins < horizon_bins))
-    w = early.to(logp.dtype)
+def current_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0: np.ndarray,
+                   extra_unit: np.ndarray, extra_offset: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Current-window input tokens ids, dts (R, max_tokens) of windows starting at ``t0`` (R,), as the dataset makes
+    them, each with a spike of ``extra_unit`` (-1: none) added ``extra_offset`` seconds after ``t0``."""
+    enc = window_tokens(tok, times, units, t0, tok.window, tok.max_tokens - 1, extra_unit, extra_offset)
+    seq = tok.current_sequences(enc)
+    return torch.from_numpy(seq["ids"]), torch.from_numpy(seq["dts"])
+
+
+def _scored_log_probs(logp: torch.Tensor, ids: torch.Tensor, dts: torch.Tensor, bins: tuple[int, int],
+                      shift: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, U) mean of ``logp`` (R, T, U) over the positions whose input is SOS (if bin 0 is scored) or a spike in
+    dt bins ``[bins[0], bins[1])``; with ``shift`` (R,) bool, the rows' positions are read one later (see SITES)."""
+    b = dts - N_SPECIAL
+    scored = ((ids >= N_SPECIAL) & (b >= bins[0]) & (b < bins[1])) | ((ids == SOS) & (bins[0] == 0))
+    if shift is not None:  # position p of the true window is position p + 1 of the perturbed one
+        scored = torch.where(shift[:, None], torch.cat([scored[:, 1:], scored[:, :1] & False], 1), scored)
+    w = scored.to(logp.dtype)
     return (logp * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
 
 
@@ -96,8 +123,8 @@ def context_starts(t0: np.ndarray, n_contexts: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray,
-                         max_lag: float = 0.010, horizon: float = 0.010, batch_size: int = 512,
+def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray, site: str = "window",
+                         horizon: float = 0.006, max_lag: float = 0.010, batch_size: int = 512,
                          log_every: float = 30.0) -> np.ndarray:
     """(C, U, U) float32 ``d[c, pre, post]``: the effect of an added spike of pre on post in context c.
 
@@ -105,19 +132,22 @@ def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0
         model: a trained Neuroformer (eval mode). spec: its input spec. rec: the recording
             (units in its own order; each must be in the model's vocabulary).
         t0: (C,) context windows' starts, seconds (e.g. ``context_starts`` of a block's windows).
-        max_lag: the spike is added in a past dt bin ending within this many seconds of the window.
-        horizon: positions whose input spike (or SOS) lies in the window's first ``horizon``
-            seconds are scored (at least the first dt bin).
+        site: where the spike is added, "window" or "past" (module docstring).
+        horizon: seconds of dt bins scored after the added spike's bin (at least one bin).
+        max_lag: "past" only: the spike is added in a past dt bin ending within this many seconds of the window.
         batch_size: model rows per forward pass (each context costs U + 1 rows).
         log_every: seconds between progress lines.
     """
+    if site not in SITES:
+        raise ValueError(f"site must be one of {SITES}; got {site!r}")
     tok = spec.tokenizer
     t0 = np.asarray(t0, dtype=np.float64)
     dataset = WindowDataset([rec], spec, [t0])
     vocab_units = spec.vocab.indices(rec.units.names, rec.path)  # recording row -> vocabulary unit
     times, units = rec.units.spike_times, vocab_units[rec.units.spike_units]
     U, lags = len(vocab_units), insertion_lags(tok, max_lag)
-    horizon_bins = max(1, math.floor(round(horizon / tok.resolution, 9)))
+    n_scored = max(1, math.floor(round(horizon / tok.resolution, 9)))
+    bins = (1, 1 + n_scored) if site == "window" else (0, n_scored)
     device = next(model.parameters()).device
     unit_tokens = torch.as_tensor(vocab_units + N_SPECIAL, device=device)
     per_chunk = max(1, batch_size // (U + 1))
@@ -126,19 +156,31 @@ def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0
     for lo in range(0, len(t0), per_chunk):
         ctx = np.arange(lo, min(lo + per_chunk, len(t0)))
         base = dataset.__getitems__(ctx.tolist())
-        # Rows: per context, first the unperturbed past, then one added spike of each unit.
+        # Rows: per context, first the true window, then one added spike of each unit.
         rep = np.repeat(np.arange(len(ctx)), U + 1)
         unit = np.tile(np.concatenate([[-1], np.arange(U)]), len(ctx))
-        lag = lags[(ctx[rep] + np.maximum(unit, 0)) % len(lags)]
-        past_ids, past_dts = past_tokens(tok, times, units, t0[ctx[rep]], np.where(unit >= 0, vocab_units[unit], -1),
-                                         lag)
+        added = np.where(unit >= 0, vocab_units[np.maximum(unit, 0)], -1)
         pick = torch.from_numpy(rep)
-        x = NeuroformerInput(base.ids[pick], base.dts[pick], past_ids, past_dts,
-                             base.frames[pick] if base.frames is not None else None,
+        ids, dts, past_ids, past_dts = base.ids[pick], base.dts[pick], base.past_ids[pick], base.past_dts[pick]
+        if site == "window":
+            ids, dts = current_tokens(tok, times, units, t0[ctx[rep]], added, np.full(len(rep), tok.resolution / 2))
+        else:
+            lag = lags[(ctx[rep] + np.maximum(unit, 0)) % len(lags)]
+            past_ids, past_dts = past_tokens(tok, times, units, t0[ctx[rep]], added, lag)
+        x = NeuroformerInput(ids, dts, past_ids, past_dts, base.frames[pick] if base.frames is not None else None,
                              base.behavior[pick] if base.behavior is not None else None)
         x = NeuroformerInput(*(v.to(device) if v is not None else None for v in x))
-        logp = _early_log_probs(model, x, horizon_bins, unit_tokens).double().cpu().numpy().reshape(len(ctx), U + 1, U)
-        d = logp[:, 1:] - logp[:, :1]  # (C, pre, post)
+        logp = model(x).id_logits.float().log_softmax(-1)[..., unit_tokens]  # (R, T, U)
+        ids, dts = x.ids, x.dts
+        if site == "window":  # score the true window at the perturbed window's positions
+            true_rows = torch.from_numpy(rep * (U + 1)).to(device)
+            shift = torch.from_numpy(unit >= 0).to(device)
+            reference = _scored_log_probs(logp[true_rows], ids, dts, bins, shift)  # ids/dts: the perturbed rows'
+            perturbed = _scored_log_probs(logp, ids, dts, bins)
+            d = (perturbed - reference).double().cpu().numpy().reshape(len(ctx), U + 1, U)[:, 1:]
+        else:
+            logp = _scored_log_probs(logp, ids, dts, bins).double().cpu().numpy().reshape(len(ctx), U + 1, U)
+            d = logp[:, 1:] - logp[:, :1]  # (C, pre, post)
         effects[ctx] = d - np.median(d, axis=2, keepdims=True)
         if time.perf_counter() - last > log_every:
             last = time.perf_counter()
