@@ -4,7 +4,8 @@ For each trained model (``--model EXPERIMENT=SOURCE``, e.g. the model ``python t
 experiment=connectivity`` registered), on its recording's training block under its own split:
 
 * perturbation (``neuroformer.inference.perturbation``): ``--contexts`` evenly spaced training
-  windows, one added spike of every unit in each;
+  windows, one added spike of every unit in each, in the current window's first bin and/or in
+  the past window (``--sites``);
 * attention x gradient (``neuroformer.inference.connectivity``): ``--attention-windows`` evenly
   spaced training windows;
 * lagged cross-correlation: every spike of the training block;
@@ -39,7 +40,7 @@ from neuroformer.data.dataset import WindowDataset, batches
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.inference.connectivity import attention_influence, cross_correlation_counts, cross_correlation_z
-from neuroformer.inference.perturbation import context_starts, perturbation_effects, z_score
+from neuroformer.inference.perturbation import SITES, context_starts, perturbation_effects, z_score
 from neuroformer.metrics.bootstrap import BLOCK_SECONDS
 from neuroformer.metrics.links import link_intervals, score_links
 from neuroformer.registry import load
@@ -90,13 +91,14 @@ def run(experiment: str, source: str, args: argparse.Namespace) -> dict:
     rows: dict[str, dict] = {}
 
     contexts = context_starts(t0, args.contexts)
-    d, secs = timed(lambda: perturbation_effects(model, spec, rec, contexts).astype(np.float64))
     n2 = U * U
-    per_context = np.concatenate([d.reshape(len(d), n2), (d ** 2).reshape(len(d), n2), np.ones((len(d), 1))], axis=1)
-    rows[f"perturbation ({len(contexts)} contexts)"] = {
-        "influence": z_score(d.sum(0), (d ** 2).sum(0), len(d)), "seconds": secs,
-        "intervals": link_intervals(per_context, lambda t: z_score(t[:n2].reshape(U, U), t[n2:2 * n2].reshape(U, U),
-                                                                   t[-1]), truth, contexts, **boot)}
+    for site in args.sites:
+        d, secs = timed(lambda: perturbation_effects(model, spec, rec, contexts, site=site).astype(np.float64))
+        sums = np.concatenate([d.reshape(len(d), n2), (d ** 2).reshape(len(d), n2), np.ones((len(d), 1))], axis=1)
+        influence = lambda t: z_score(t[:n2].reshape(U, U), t[n2:2 * n2].reshape(U, U), t[-1])  # noqa: E731
+        rows[f"perturbation, {site} ({len(contexts)} contexts)"] = {
+            "influence": influence(sums.sum(0)), "seconds": secs,
+            "intervals": link_intervals(sums, influence, truth, contexts, **boot)}
 
     windows = context_starts(t0, args.attention_windows)
     vocab_rows = spec.vocab.indices(rec.units.names, rec.path)
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, metavar="EXPERIMENT=SOURCE",
                         help="a name for the row group and a checkpoint or models:/NAME/VERSION (repeatable)")
     parser.add_argument("--contexts", type=int, default=1000, help="training windows used by the perturbation")
+    parser.add_argument("--sites", nargs="+", default=["window", "past"], choices=SITES,
+                        help="where the perturbation adds its spike")
     parser.add_argument("--attention-windows", type=int, default=4000, help="training windows for attention x gradient")
     parser.add_argument("--glm", action="store_true", help="also fit the coupled GLM (minutes)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates")

@@ -212,7 +212,7 @@ def test_current_tokens_match_the_dataset(small_sim_path):
 
 
 @pytest.mark.slow
-def test_attention_of_a_trained_model_recovers_synapses(tmp_path):
+def test_a_trained_model_recovers_synapses(tmp_path):
     """Train the connectivity experiment briefly on a small synapse-driven population and score it."""
     from hydra.utils import instantiate
 
@@ -236,11 +236,11 @@ def test_attention_of_a_trained_model_recovers_synapses(tmp_path):
     split = instantiate(cfg.data.split)
     t0 = np.concatenate([window_starts(rec.start, rec.stop, split, s, tok.window, tok.past_window, tok.window)
                          for s in SPLITS])
-    estimates = estimate(loaded.model, loaded.spec, rec, t0, batch_size=64, n_contexts=500)
-    attn, xcorr, pert = (score_links(estimates[k], truth.connectivity)
-                         for k in ("attention_x_gradient", "cross_correlation", "perturbation"))
-    print("SLOWTEST", attn, xcorr, pert)
+    estimates = estimate(loaded.model, loaded.spec, rec, t0, batch_size=64, n_contexts=1000,
+                         methods=("perturbation", "attention_x_gradient"))
+    pert, attn, xcorr = (score_links(estimates[k], truth.connectivity)
+                         for k in ("perturbation", "attention_x_gradient", "cross_correlation"))
+    print(f"perturbation {pert}\nattention x gradient {attn}\ncross-correlation {xcorr}")
     assert xcorr.auroc > 0.9
-    # Beats chance, with the right signs: excitatory links raise the log-likelihood of the post
-    # unit's spikes (0.69 here), inhibitory ones lower it (0.86). Far below the baseline: see docs.
-    assert attn.excitatory_auroc > 0.6 and attn.inhibitory_auroc > 0.6 and attn.ap > attn.chance_ap, attn
+    # Far above chance, and above attention x gradient (AUROC 0.56 here); still below the baseline: see docs.
+    assert pert.auroc > 0.75 and pert.direction_auroc > 0.75 and pert.auroc > attn.auroc + 0.1, pert
