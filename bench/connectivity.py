@@ -40,7 +40,7 @@ from neuroformer.data.dataset import WindowDataset, batches
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.inference.connectivity import attention_influence, cross_correlation_counts, cross_correlation_z
-from neuroformer.inference.perturbation import SITES, context_starts, perturbation_effects, z_score
+from neuroformer.inference.perturbation import SITES, context_starts, perturbation_effects
 from neuroformer.metrics.bootstrap import BLOCK_SECONDS
 from neuroformer.metrics.links import link_intervals, score_links
 from neuroformer.registry import load
@@ -94,8 +94,8 @@ def run(experiment: str, source: str, args: argparse.Namespace) -> dict:
     n2 = U * U
     for site in args.sites:
         d, secs = timed(lambda: perturbation_effects(model, spec, rec, contexts, site=site).astype(np.float64))
-        sums = np.concatenate([d.reshape(len(d), n2), (d ** 2).reshape(len(d), n2), np.ones((len(d), 1))], axis=1)
-        influence = lambda t: z_score(t[:n2].reshape(U, U), t[n2:2 * n2].reshape(U, U), t[-1])  # noqa: E731
+        sums = np.concatenate([d.reshape(len(d), n2), np.ones((len(d), 1))], axis=1)
+        influence = lambda t: t[:n2].reshape(U, U) / t[-1]  # noqa: E731  (the mean effect; diagonal unscored)
         rows[f"perturbation, {site} ({len(contexts)} contexts)"] = {
             "influence": influence(sums.sum(0)), "seconds": secs,
             "intervals": link_intervals(sums, influence, truth, contexts, **boot)}

@@ -181,12 +181,12 @@ def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path, sit
     model = CoupledToy(weights, tok.n_past_bins, recent=2, n_dt=tok.dt_vocab_size)
     spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
     t0 = np.arange(1.0, 50.0, 0.05)
-    z = perturbation_influence(model, spec, rec, t0, n_contexts=64, batch_size=256, site=site)
-    assert np.isnan(np.diag(z)).all()
-    scores = score_links(z, weights)
+    m = perturbation_influence(model, spec, rec, t0, n_contexts=64, batch_size=256, site=site)
+    assert np.isnan(np.diag(m)).all()
+    scores = score_links(m, weights)
     assert min(scores.auroc, scores.ap, scores.direction_auroc, scores.excitatory_auroc,
                scores.inhibitory_auroc) == pytest.approx(1)
-    assert z[3, 7] > 0 and z[7, 11] > 0 and z[5, 2] < 0
+    assert m[3, 7] > 0 and m[7, 11] > 0 and m[5, 2] < 0
     # Each context's effect is exactly the coupling (or 0 where no position was scored); a misaligned comparison
     # (another spike counted as the added one) would leak into other pairs.
     d = perturbation_effects(model, spec, rec, t0[:64], site=site)

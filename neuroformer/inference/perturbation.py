@@ -24,8 +24,11 @@ its mean over those positions, minus the same on the true window, is the effect
   a change of the normaliser that is the same for every j. That common shift (and any change
   of the end-of-window probability) is removed by subtracting, in each context, the median of
   ``d[c, i, :]`` over units.
-* The estimate is the z-score over contexts, ``M[i, j] = mean_c d / (std_c d / sqrt(n))``:
-  a link is an effect that is consistent across contexts, not one large effect in a few.
+* The estimate is the mean over contexts, ``M[i, j] = mean_c d[c, i, j]``: a strength, in the
+  units of a synaptic weight. Not the z-score over contexts (mean / standard error): with more
+  contexts every small systematic effect of the model becomes significant, and the z-score
+  ranks significance, not strength (docs/connectivity.md: link AUROC 0.72 with z-scores over
+  4000 contexts against 0.92 with means).
 * Only the model's forward pass is used (``Neuroformer.forward``'s ID logits), and the
   perturbed windows are tokenised by the tokenizer itself, so the estimator follows any
   change of the architecture or of the tokenisation rules.
@@ -189,21 +192,13 @@ def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0
     return effects
 
 
-def z_score(total: np.ndarray, total_sq: np.ndarray, n: float) -> np.ndarray:
-    """(U, U) mean / standard error over contexts from the sums of ``d`` and ``d**2`` over n contexts; NaN diagonal."""
-    mean = total / n
-    sd = np.sqrt(np.maximum(total_sq / n - mean ** 2, 0.0) * n / max(n - 1, 1))
-    z = mean / np.maximum(sd, 1e-12) * math.sqrt(n)
-    np.fill_diagonal(z, np.nan)
-    return z
-
-
 def perturbation_influence(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray,
                            n_contexts: int = 512, **kwargs) -> np.ndarray:
-    """(U, U) ``[pre, post]`` z-scored effect of an added spike of pre on post's next-spike probability.
+    """(U, U) ``[pre, post]`` mean effect of an added spike of pre on ``log p(next spike is post)``.
 
     ``n_contexts`` evenly spaced windows among ``t0`` are the contexts; kwargs: ``perturbation_effects``'.
     Rows and columns are the recording's units; the diagonal is NaN.
     """
-    d = perturbation_effects(model, spec, rec, context_starts(t0, n_contexts), **kwargs).astype(np.float64)
-    return z_score(d.sum(0), (d ** 2).sum(0), len(d))
+    influence = perturbation_effects(model, spec, rec, context_starts(t0, n_contexts), **kwargs).mean(0, dtype=np.float64)
+    np.fill_diagonal(influence, np.nan)
+    return influence
