@@ -64,6 +64,25 @@ def test_lagged_pair_counts_match_brute_force():
     np.testing.assert_array_equal(counts, brute)
 
 
+def test_pair_counts_split_by_first_spike_add_up_and_bootstrap(small_sim_path):
+    from neuroformer.inference.connectivity import cross_correlation_counts, cross_correlation_z
+    from neuroformer.metrics.links import link_intervals
+
+    rec, truth = read_nwb(small_sim_path), load_ground_truth(small_sim_path).connectivity
+    t, u, U = rec.units.spike_times, rec.units.spike_units, rec.units.n_units
+    edges = np.arange(0.0, 62.0, 2.0)
+    parts = [np.concatenate([c.ravel() for c in cross_correlation_counts(t, u, U, pre=(t >= a) & (t < b))])
+             for a, b in zip(edges[:-1], edges[1:])]
+    whole = np.concatenate([c.ravel() for c in cross_correlation_counts(t, u, U)])
+    np.testing.assert_allclose(np.sum(parts, axis=0), whole)
+    influence = lambda totals: cross_correlation_z(*totals.reshape(2, U, U))  # noqa: E731
+    cis = link_intervals(np.array(parts), influence, truth, edges[:-1], n_boot=50)
+    point = score_links(influence(whole), truth)
+    for field, ci in cis.items():
+        assert ci.estimate == pytest.approx(getattr(point, field)) and ci.low <= ci.estimate + 1e-9
+        assert 0 < ci.high - ci.low < 0.5 and ci.n_blocks == 30
+
+
 def test_spikes_in_windows_keeps_exactly_the_window_spans(small_sim_path):
     rec = read_nwb(small_sim_path)
     t0 = np.array([10.0, 10.05, 30.0])
