@@ -65,6 +65,8 @@ class EvaluationConfig:
     connectivity: bool = option(True, "score model-based connectivity when the file has ground truth")
     connectivity_method: str = option("perturbation", "model-based connectivity estimator: perturbation (an added "
                                       "spike's effect, docs/connectivity.md) or attention_x_gradient")
+    connectivity_contexts: int = option(128, "test windows the perturbation uses as contexts (each costs units + 1 "
+                                        "model rows)")
     raster_seconds: float = option(2.0, "length of the raster plot's stretch, seconds")
     psth_units: int = option(6, "units shown in the PSTH plot")
 
@@ -162,7 +164,8 @@ def _connectivity(loaded: LoadedModel, rec: Recording, starts: np.ndarray, cfg: 
         log.info("%s has no ground-truth connectivity: connectivity not scored", rec.path)
         return {}
     method = cfg.connectivity_method
-    estimates = connectivity.estimate(loaded.model, loaded.spec, rec, starts, cfg.batch_size, methods=(method,))
+    estimates = connectivity.estimate(loaded.model, loaded.spec, rec, starts, cfg.batch_size, methods=(method,),
+                                      n_contexts=cfg.connectivity_contexts)
     scores = score_links(estimates[method], truth.connectivity)
     baseline = score_links(estimates["cross_correlation"], truth.connectivity)
     plots.save(plots.connectivity_matrices(estimates[method], truth.connectivity,
