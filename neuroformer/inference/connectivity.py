@@ -1,4 +1,8 @@
-"""Directed unit-to-unit influence from a trained Neuroformer's attention, scored on ground truth.
+"""Directed unit-to-unit influence from a trained Neuroformer, scored on ground truth.
+
+The estimator to use is the perturbation (``neuroformer.inference.perturbation``: the effect of
+one added spike on the model's next-spike distribution; ``method="perturbation"``). The ones
+read from the cross-attention are kept for comparison (docs/connectivity.md):
 
 Estimator (attention x gradient). For every current-window position t whose target is a
 spike of unit j, and every past-window token k, a spike of unit i, the relevance is
@@ -200,7 +204,7 @@ def format_table(scores: dict[str, LinkScores]) -> str:
 def _parser():
     parser = cli.parser(
         "python -m neuroformer.inference.connectivity",
-        "Infer unit-to-unit connectivity from a trained Neuroformer's cross-attention over a recording's "
+        "Infer unit-to-unit connectivity from a trained Neuroformer (perturbation, attention) over a recording's "
         "held-out block and score it (and a cross-correlation baseline) against the simulator's ground truth.")
     parser.add_argument("--model", required=True, help="checkpoint, sharded folder, or models:/NAME/VERSION|@ALIAS")
     parser.add_argument("--data", type=Path, help="simulated NWB recording with ground truth (default: the model's)")
