@@ -48,7 +48,7 @@ import torch
 
 from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.recording import Recording
-from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS, EncodedWindows, SpikeTokenizer
+from neuroformer.data.tokenizer import N_SPECIAL, SOS, EncodedWindows, SpikeTokenizer
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerInput
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def current_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0
 def _scored_log_probs(logp: torch.Tensor, ids: torch.Tensor, dts: torch.Tensor, bins: tuple[int, int],
                       shift: torch.Tensor | None = None) -> torch.Tensor:
     """(R, U) mean of ``logp`` (R, T, U) over the positions whose input is SOS (if bin 0 is scored) or a spike in
-    dt bins ``[bins[0], bins[1])``; with ``shift`` (R,) bool, the rows' positions are read one later (see SITES)."""
+    dt bins ``[bins[0], bins[1])``. Where ``shift`` (R,) is True, ``logp`` is the true window's and ``ids``/``dts`` the
+    perturbed one's: each scored position is read one position earlier (the added token is missing there)."""
     b = dts - N_SPECIAL
     scored = ((ids >= N_SPECIAL) & (b >= bins[0]) & (b < bins[1])) | ((ids == SOS) & (bins[0] == 0))
     if shift is not None:  # position p of the true window is position p + 1 of the perturbed one
