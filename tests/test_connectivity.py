@@ -215,6 +215,35 @@ def test_perturbation_recovers_the_coupling_of_a_known_model(small_sim_path, sit
     assert (exact | unscored).all() and exact.mean() > 0.5
 
 
+def test_perturbation_reads_a_rate_readout_when_the_model_has_one(small_sim_path):
+    from typing import NamedTuple
+
+    from neuroformer.data.dataset import InputSpec
+    from neuroformer.data.tokenizer import SpikeTokenizer
+    from neuroformer.data.vocabulary import UnitVocabulary
+
+    class WithRates(NamedTuple):
+        id_logits: torch.Tensor
+        log_rates: torch.Tensor
+
+    class RateToy(CoupledToy):
+        """ID logits that know nothing; log-rates that carry the coupling (the read-out the past site should use)."""
+
+        def forward(self, x):
+            out = super().forward(x)
+            n_bins = 10
+            return WithRates(torch.zeros_like(out.id_logits), out.id_logits[:, :1].expand(-1, n_bins, -1))
+
+    rec = read_nwb(small_sim_path)
+    U, tok = rec.units.n_units, SpikeTokenizer()
+    weights = np.zeros((U, U))
+    weights[3, 7], weights[5, 2] = 0.8, -1.2
+    model = RateToy(weights, tok.n_past_bins, recent=2, n_dt=tok.dt_vocab_size)
+    spec = InputSpec(tok, UnitVocabulary(list(rec.units.names)))
+    d = perturbation_effects(model, spec, rec, np.arange(1.0, 10.0, 0.5), site="past")
+    np.testing.assert_allclose(d, np.broadcast_to(weights, d.shape), atol=1e-5)
+
+
 def test_current_tokens_match_the_dataset(small_sim_path):
     from neuroformer.data.dataset import InputSpec, WindowDataset
     from neuroformer.data.tokenizer import SpikeTokenizer

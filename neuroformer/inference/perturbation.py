@@ -17,7 +17,9 @@ its mean over those positions, minus the same on the true window, is the effect
   (cycled over contexts and units); scored are the SOS and the positions whose input spike lies
   in the first ``horizon`` seconds of the current window. This asks the cross-attention path
   (the past-window encoder), which the models here learn later than the in-window path
-  (docs/connectivity.md).
+  (docs/connectivity.md). If the model has a rate read-out (``ModelOutput.log_rates``: the
+  expected count of every unit per dt bin of the window, from the context alone), the effect
+  is the change of ``log rate_j`` averaged over those bins instead.
 
 * ``log p`` is the right scale: the next spike is unit j with probability proportional to
   j's rate, so a synapse that multiplies j's rate by ``e^w`` moves ``log p_j`` by ``w``, minus
@@ -174,9 +176,15 @@ def perturbation_effects(model: Neuroformer, spec: InputSpec, rec: Recording, t0
         x = NeuroformerInput(ids, dts, past_ids, past_dts, base.frames[pick] if base.frames is not None else None,
                              base.behavior[pick] if base.behavior is not None else None)
         x = NeuroformerInput(*(v.to(device) if v is not None else None for v in x))
-        logp = model(x).id_logits.float().log_softmax(-1)[..., unit_tokens]  # (R, T, U)
+        out = model(x)
+        logp = out.id_logits.float().log_softmax(-1)[..., unit_tokens]  # (R, T, U)
+        log_rates = getattr(out, "log_rates", None)  # a rate read-out's (R, n_bins, V) forecast, if the model has one
         ids, dts = x.ids, x.dts
-        if site == "window":  # score the true window at the perturbed window's positions
+        if site == "past" and log_rates is not None:  # it reads the context only: the past site's direct answer
+            rates = log_rates[:, bins[0]:bins[1]][..., unit_tokens].float().mean(1).double().cpu().numpy()
+            d = rates.reshape(len(ctx), U + 1, U)
+            d = d[:, 1:] - d[:, :1]
+        elif site == "window":  # score the true window at the perturbed window's positions
             true_rows = torch.from_numpy(rep * (U + 1)).to(device)
             shift = torch.from_numpy(unit >= 0).to(device)
             reference = _scored_log_probs(logp[true_rows], ids, dts, bins, shift)  # ids/dts: the perturbed rows'
