@@ -11,7 +11,11 @@ experiment=connectivity`` registered), on its recording's training block under i
 * lagged cross-correlation: every spike of the training block;
 * coupled GLM (``--glm``): fitted on the training block (validation block for its penalty) at
   2 ms bins with 10 ms of history and coupling, its coupling summed over lags up to 10 ms
-  (the settings of ``bench/ceiling.py --connectivity-resolutions 0.002``).
+  (the settings of ``bench/ceiling.py --connectivity-resolutions 0.002``);
+* the model's closed-loop generations (``--generate SECONDS``): the training block generated in
+  stretches of SECONDS (each from its true past window, with the true running speed), and the
+  same GLM (at the tokenizer's bins) and the cross-correlation fitted to them: a model-based
+  estimate that asks what wiring the model's own spike trains imply.
 
 Scored with ``score_links``: link AUROC / AP, direction AUROC, excitatory / inhibitory AUROC.
 The perturbation and the cross-correlation are functions of sums over stretches of data, so
@@ -37,9 +41,16 @@ import torch
 
 from neuroformer.baselines.glm import GLMConfig, fit_glm, split_spans
 from neuroformer.data.dataset import WindowDataset, batches
+from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
-from neuroformer.inference.connectivity import attention_influence, cross_correlation_counts, cross_correlation_z
+from neuroformer.inference.connectivity import (
+    attention_influence,
+    cross_correlation_counts,
+    cross_correlation_influence,
+    cross_correlation_z,
+)
+from neuroformer.inference.generate import simulate
 from neuroformer.inference.perturbation import SITES, context_starts, perturbation_effects
 from neuroformer.metrics.bootstrap import BLOCK_SECONDS
 from neuroformer.metrics.links import link_intervals, score_links
@@ -70,6 +81,25 @@ def cross_correlation_sums(times: np.ndarray, units: np.ndarray, n_units: int, s
         rows.append(np.concatenate([c.ravel() for c in cross_correlation_counts(t, u, n_units,
                                                                                 pre=(t >= lo) & (t < hi))]))
     return np.array(rows), parts[:, 0]
+
+
+def generated_recording(model, spec, rec: Recording, spans: np.ndarray, seconds: float
+                        ) -> tuple[Recording, np.ndarray]:
+    """``rec`` with its spikes replaced by the model's closed-loop generations, and the (n, 2) stretches generated.
+
+    Each stretch of ``seconds`` inside ``spans`` is generated window after window from its true past
+    window, with the recording's own running speed (and stimulus); all stretches run as one batch.
+    """
+    tok = spec.tokenizer
+    n_windows = round(seconds / tok.window)
+    length = n_windows * tok.window
+    starts = np.array([a for lo, hi in spans for a in np.arange(lo + tok.past_window, hi - length + 1e-9, length)])
+    trains = simulate(model, spec, rec, starts, n_windows)
+    times = np.concatenate([t.times for t in trains])
+    units = np.concatenate([t.units for t in trains])
+    order = np.lexsort((units, times))
+    generated = dataclasses.replace(rec.units, spike_times=times[order], spike_units=units[order])
+    return dataclasses.replace(rec, units=generated), np.stack([starts, starts + length], axis=1)
 
 
 def run(experiment: str, source: str, args: argparse.Namespace) -> dict:
@@ -117,6 +147,18 @@ def run(experiment: str, source: str, args: argparse.Namespace) -> dict:
         glm, secs = timed(lambda: fit_glm(rec, train, split_spans(rec, split, "val"), cfg))
         rows["coupled GLM (2 ms bins)"] = {"influence": glm.coupling_strength(), "seconds": secs}
 
+    if args.generate:
+        (gen, spans), secs = timed(lambda: generated_recording(model, spec, rec, train, args.generate))
+        print(f"generated {len(spans)} stretches of {args.generate:g} s closed loop: {len(gen.units.spike_times)} "
+              f"spikes ({len(times)} true), {secs:.0f} s")
+        cfg = GLMConfig(resolution=tok.resolution, history=0.01, coupling=0.01, penalties=(1e-2, 3e-3))
+        n_val = max(1, len(spans) // 8)
+        glm, fit_secs = timed(lambda: fit_glm(gen, spans[:-n_val], spans[-n_val:], cfg))
+        rows[f"coupled GLM on generations ({len(spans) * args.generate:.0f} s)"] = {
+            "influence": glm.coupling_strength(), "seconds": secs + fit_secs}
+        rows["cross-correlation of generations"] = {
+            "influence": cross_correlation_influence(gen.units.spike_times, gen.units.spike_units, U), "seconds": secs}
+
     print("\n| estimator | link AUROC [95% CI] | link AP [95% CI] | direction AUROC [95% CI] | excitatory AUROC | "
           "inhibitory AUROC | seconds |\n|---|---|---|---|---|---|---|")
     results = {}
@@ -141,6 +183,9 @@ def main() -> None:
                         help="where the perturbation adds its spike")
     parser.add_argument("--attention-windows", type=int, default=4000, help="training windows for attention x gradient")
     parser.add_argument("--glm", action="store_true", help="also fit the coupled GLM (minutes)")
+    parser.add_argument("--generate", type=float, default=0.0, metavar="SECONDS",
+                        help="also generate the training block closed loop in stretches of SECONDS and fit the "
+                             "coupled GLM (at the tokenizer's bins) and the cross-correlation to the generations")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
