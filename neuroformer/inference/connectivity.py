@@ -1,4 +1,8 @@
-"""Directed unit-to-unit influence from a trained Neuroformer's attention, scored on ground truth.
+"""Directed unit-to-unit influence from a trained Neuroformer, scored on ground truth.
+
+The estimator to use is the perturbation (``neuroformer.inference.perturbation``: the effect of
+one added spike on the model's next-spike distribution; ``method="perturbation"``). The ones
+read from the cross-attention are kept for comparison (docs/connectivity.md):
 
 Estimator (attention x gradient). For every current-window position t whose target is a
 spike of unit j, and every past-window token k, a spike of unit i, the relevance is
@@ -44,12 +48,13 @@ from neuroformer.data.simulate import load_ground_truth
 from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import N_SPECIAL
 from neuroformer.errors import RecordingError
+from neuroformer.inference.perturbation import perturbation_influence
 from neuroformer.files import write_json
 from neuroformer.metrics.links import LinkScores, score_links
 from neuroformer.models.neuroformer import Neuroformer
 from neuroformer.registry import load
 
-METHODS = ("attention_x_gradient", "attention")
+METHODS = ("perturbation", "attention_x_gradient", "attention")
 
 
 def _relevance(model: Neuroformer, batch: Batch, method: str) -> torch.Tensor:
@@ -102,17 +107,21 @@ def _one_hot_units(tokens: torch.Tensor, n_units: int) -> torch.Tensor:
     return F.one_hot(unit.clamp(min=0), n_units).double() * (unit >= 0).unsqueeze(-1)
 
 
-def lagged_pair_counts(times: np.ndarray, units: np.ndarray, n_units: int, lo: float, hi: float) -> np.ndarray:
+def lagged_pair_counts(times: np.ndarray, units: np.ndarray, n_units: int, lo: float, hi: float,
+                       pre: np.ndarray | None = None) -> np.ndarray:
     """(U, U) ``[i, j]``: pairs of a spike of i at t and a spike of j at s with ``lo < s - t <= hi``.
 
     Args:
         times: (n,) spike times, seconds. units: (n,) unit index of each spike.
+        pre: (n,) bool, only these spikes count as the first of a pair (default: all), e.g. the
+            spikes of one bootstrap block, with the others there as partners.
     """
     out = np.zeros((n_units, n_units))
     for j in range(n_units):
         post = np.sort(times[units == j])
         per_spike = np.searchsorted(post, times + hi, side="right") - np.searchsorted(post, times + lo, side="right")
-        out[:, j] = np.bincount(units, weights=per_spike, minlength=n_units)
+        weights = per_spike if pre is None else per_spike * pre
+        out[:, j] = np.bincount(units, weights=weights, minlength=n_units)
     return out
 
 
@@ -128,10 +137,24 @@ def cross_correlation_influence(
     The expected count is the pair count at lags ``flank`` on both sides (post after and before
     pre), scaled to the width of ``lag``; the score is ``(observed - expected) / sqrt(expected)``.
     """
-    observed = lagged_pair_counts(times, units, n_units, *lag)
+    return cross_correlation_z(*cross_correlation_counts(times, units, n_units, lag, flank), lag, flank)
+
+
+def cross_correlation_counts(times: np.ndarray, units: np.ndarray, n_units: int,
+                             lag: tuple[float, float] = (0.0, 0.010), flank: tuple[float, float] = (0.020, 0.050),
+                             pre: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(U, U) pair counts at ``lag`` and at ``flank`` (both sides) of ``cross_correlation_influence``;
+    ``pre``: see ``lagged_pair_counts``. Sums over stretches of data, so they can be bootstrapped."""
     lo, hi = flank
-    far = lagged_pair_counts(times, units, n_units, lo, hi) + lagged_pair_counts(times, units, n_units, -hi, -lo)
-    expected = far * (lag[1] - lag[0]) / (2 * (hi - lo))
+    return (lagged_pair_counts(times, units, n_units, *lag, pre=pre),
+            lagged_pair_counts(times, units, n_units, lo, hi, pre=pre)
+            + lagged_pair_counts(times, units, n_units, -hi, -lo, pre=pre))
+
+
+def cross_correlation_z(observed: np.ndarray, far: np.ndarray, lag: tuple[float, float] = (0.0, 0.010),
+                        flank: tuple[float, float] = (0.020, 0.050)) -> np.ndarray:
+    """The z-score of ``cross_correlation_influence`` from its pair counts (``cross_correlation_counts``)."""
+    expected = far * (lag[1] - lag[0]) / (2 * (flank[1] - flank[0]))
     return (observed - expected) / np.sqrt(np.maximum(expected, 1.0))
 
 
@@ -143,17 +166,21 @@ def spikes_in_windows(rec: Recording, t0: np.ndarray, window: float, past_window
 
 
 def estimate(model: Neuroformer, spec: InputSpec, rec: Recording, t0: np.ndarray, batch_size: int = 32,
-             methods: Iterable[str] = METHODS) -> dict[str, np.ndarray]:
+             methods: Iterable[str] = METHODS, n_contexts: int = 256) -> dict[str, np.ndarray]:
     """Each estimator's (U, U) ``[pre, post]`` influence over the windows starting at ``t0``.
 
     Units are the recording's rows. The model's estimates (``methods``) come first, then
     ``"cross_correlation"``, the baseline from the same spikes (past and current windows).
+    ``"perturbation"`` (``neuroformer.inference.perturbation``) uses ``n_contexts`` of the windows.
     """
     dataset = WindowDataset([rec], spec, [t0])
     rows = spec.vocab.indices(rec.units.names, rec.path)  # recording row -> vocabulary unit
     device = next(model.parameters()).device
     estimates = {}
     for method in methods:
+        if method == "perturbation":
+            estimates[method] = perturbation_influence(model, spec, rec, t0, n_contexts)
+            continue
         influence, _ = attention_influence(model, batches(dataset, batch_size, device), len(spec.vocab), method)
         estimates[method] = influence[np.ix_(rows, rows)]
     tok = spec.tokenizer
@@ -177,13 +204,14 @@ def format_table(scores: dict[str, LinkScores]) -> str:
 def _parser():
     parser = cli.parser(
         "python -m neuroformer.inference.connectivity",
-        "Infer unit-to-unit connectivity from a trained Neuroformer's cross-attention over a recording's "
+        "Infer unit-to-unit connectivity from a trained Neuroformer (perturbation, attention) over a recording's "
         "held-out block and score it (and a cross-correlation baseline) against the simulator's ground truth.")
     parser.add_argument("--model", required=True, help="checkpoint, sharded folder, or models:/NAME/VERSION|@ALIAS")
     parser.add_argument("--data", type=Path, help="simulated NWB recording with ground truth (default: the model's)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--contexts", type=int, default=256, help="windows used as contexts by the perturbation")
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
     return parser
 
@@ -196,7 +224,7 @@ def _main(args) -> int:
     t0 = window_starts(rec.start, rec.stop, loaded.spec.split, args.split, tok.window, tok.past_window, tok.window)
     if len(t0) == 0:
         raise RecordingError(rec.path, "windows", f"no {args.split} windows under the model's split")
-    estimates = estimate(loaded.model, loaded.spec, rec, t0, args.batch_size, args.methods)
+    estimates = estimate(loaded.model, loaded.spec, rec, t0, args.batch_size, args.methods, args.contexts)
     scores = {name: score_links(m, truth.connectivity) for name, m in estimates.items()}
     print(f"{rec.path}: {len(t0)} {args.split} windows, {rec.units.n_units} units, "
           f"{next(iter(scores.values())).n_links} true links\n")

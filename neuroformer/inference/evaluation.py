@@ -62,7 +62,11 @@ class EvaluationConfig:
     psth_bin: float = option(0.05, "PSTH bin, seconds (rounded to a multiple of the tokenizer resolution)")
     repeat_column: str = option("clip_id", "trials-table column naming the repeated stimulus (values >= 0)")
     max_windows: int = option(0, "evaluate only the first this many windows of the block (0: all)")
-    connectivity: bool = option(True, "score connectivity from attention when the file has ground truth")
+    connectivity: bool = option(True, "score model-based connectivity when the file has ground truth")
+    connectivity_method: str = option("perturbation", "model-based connectivity estimator: perturbation (an added "
+                                      "spike's effect, docs/connectivity.md) or attention_x_gradient")
+    connectivity_contexts: int = option(128, "test windows the perturbation uses as contexts (each costs units + 1 "
+                                        "model rows)")
     raster_seconds: float = option(2.0, "length of the raster plot's stretch, seconds")
     psth_units: int = option(6, "units shown in the PSTH plot")
 
@@ -72,6 +76,9 @@ class EvaluationConfig:
         if self.n_samples < 2 or self.batch_size < 1 or self.tolerance_bins < 0 or self.psth_bin <= 0:
             raise ConfigError("evaluate: need n_samples >= 2, batch_size >= 1, tolerance_bins >= 0, psth_bin > 0; "
                               f"got {self}")
+        if self.connectivity_method not in connectivity.METHODS:
+            raise ConfigError(f"evaluate.connectivity_method must be one of {connectivity.METHODS}; "
+                              f"got {self.connectivity_method!r}")
 
 
 def repeated_trials(rec: Recording, split: SplitSpec, name: str, tok: SpikeTokenizer, column: str
@@ -156,13 +163,14 @@ def _connectivity(loaded: LoadedModel, rec: Recording, starts: np.ndarray, cfg: 
     except RecordingError:
         log.info("%s has no ground-truth connectivity: connectivity not scored", rec.path)
         return {}
-    estimates = connectivity.estimate(loaded.model, loaded.spec, rec, starts, cfg.batch_size,
-                                      methods=("attention_x_gradient",))
-    scores = score_links(estimates["attention_x_gradient"], truth.connectivity)
+    method = cfg.connectivity_method
+    estimates = connectivity.estimate(loaded.model, loaded.spec, rec, starts, cfg.batch_size, methods=(method,),
+                                      n_contexts=cfg.connectivity_contexts)
+    scores = score_links(estimates[method], truth.connectivity)
     baseline = score_links(estimates["cross_correlation"], truth.connectivity)
-    plots.save(plots.connectivity_matrices(estimates["attention_x_gradient"], truth.connectivity,
+    plots.save(plots.connectivity_matrices(estimates[method], truth.connectivity,
                                            {"AUROC": scores.auroc, "AP": scores.ap, "chance AP": scores.chance_ap},
-                                           title="Connectivity from attention x gradient vs true"),
+                                           title=f"Connectivity from {method.replace('_', ' ')} vs true"),
                out / "connectivity.png")
     result = {f"connectivity_{k}": float(v) for k, v in dataclasses.asdict(scores).items()}
     result.update({f"xcorr_{k}": float(v) for k, v in dataclasses.asdict(baseline).items()

@@ -9,11 +9,14 @@ excitatory links ranked by ``M`` and of inhibitory links ranked by ``-M``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from neuroformer.metrics.bootstrap import Interval, bootstrap
 
 
 @dataclass
@@ -78,3 +81,22 @@ def _auroc_ap(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")
     s, y = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(labels).long()
     return float(binary_auroc(s, y)), float(binary_average_precision(s, y))
+
+
+def link_intervals(sums: np.ndarray, influence: Callable[[np.ndarray], np.ndarray], connectivity: np.ndarray,
+                   starts: np.ndarray, scores: tuple[str, ...] = ("auroc", "ap", "direction_auroc"),
+                   **kwargs) -> dict[str, Interval]:
+    """Block-bootstrap intervals of ``score_links`` fields for an estimator that is a function of sums over windows.
+
+    Args:
+        sums: (B, D) per-window (or per-stretch) statistics, e.g. flattened pair counts.
+        influence: maps (D,) totals to the (U, U) influence matrix.
+        connectivity: (U, U) the truth. starts: (B,) start times of the rows, seconds (define the blocks).
+        scores: ``LinkScores`` fields to bootstrap.
+        kwargs: ``metrics.bootstrap.bootstrap``'s (block, n_boot, level, seed, gap); the same seed
+            draws the same replicates for every score and every estimator on the same windows.
+    """
+    def statistic(field: str) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda totals: np.array([getattr(score_links(influence(t), connectivity), field) for t in totals])
+
+    return {field: bootstrap(sums, statistic(field), starts, **kwargs) for field in scores}
