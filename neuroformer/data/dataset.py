@@ -212,7 +212,8 @@ class WindowDataset(torch.utils.data.Dataset):
             enc = tok.encode(times, units, t0[rows], tok.window, tok.max_tokens - 1)
             for k, v in tok.current_sequences(enc).items():
                 cur[k][rows] = v
-            enc = tok.encode(times, units, t0[rows] - tok.past_window, tok.past_window, tok.max_past_tokens - 1)
+            enc = tok.encode(times, units, t0[rows] - tok.past_window, tok.past_window, tok.max_past_tokens - 1,
+                             keep_latest=True)
             for k, v in tok.past_sequences(enc).items():
                 past[k][rows] = v
             rec = self.recordings[s]
@@ -262,7 +263,7 @@ class WindowDataset(torch.utils.data.Dataset):
         for s, (times, units) in enumerate(self._spikes):
             enc = tok.encode(times, units, self.t0[self.session == s], tok.window, tok.max_tokens - 1)
             counts += np.bincount(enc.ids.ravel(), minlength=len(counts))
-            counts[EOS] += len(enc.counts)
+            counts[EOS] += int((enc.dropped == 0).sum())  # a cut window has no EOS target
         counts[PAD] = 0
         return counts
 
