@@ -26,7 +26,7 @@ from neuroformer.registry.tracking import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOTS = {"raster.png", "rate_calibration.png", "psth.png", "psth_correlation.png", "connectivity.png"}
-FAST = ["--n-samples", "2", "--max-windows", "40", "--batch-size", "40"]
+FAST = ["--n-samples", "2", "--max-windows", "40", "--batch-size", "40", "--no-baselines"]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,19 @@ def test_checkpoint_evaluation_writes_metrics_and_plots(trained, small_sim_path,
     run, _ = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a checkpoint needs no server; nothing is logged
     checkpoint = next((run / "checkpoints").glob("best*.ckpt"))
-    assert main(["--model", str(checkpoint), "--out", str(tmp_path), *FAST]) == 0  # data: the training file
+    with_baselines = [a for a in FAST if a != "--no-baselines"] + ["--baseline-cache", str(tmp_path / "cache")]
+    assert main(["--model", str(checkpoint), "--out", str(tmp_path), *with_baselines]) == 0  # data: the training file
     summary = json.loads((tmp_path / "metrics.json").read_text())
     m = summary["metrics"]
+    # The reference predictors on the same windows: the oracle (a simulated file) above the GLM and the
+    # mean rate; the model as a fraction of the oracle and minus the GLM, each with its interval.
+    assert m["oracle_bits_per_spike"] > max(m["glm_bits_per_spike"], m["mean_rate_bits_per_spike"])
+    assert m["fraction_of_oracle"] == pytest.approx(m["bits_per_spike"] / m["oracle_bits_per_spike"])
+    assert m["minus_glm"] == pytest.approx(m["bits_per_spike"] - m["glm_bits_per_spike"])
+    for key in ("bits_per_spike", "oracle_bits_per_spike", "glm_bits_per_spike", "fraction_of_oracle", "minus_glm"):
+        assert m[f"{key}_low"] <= m[key] <= m[f"{key}_high"], key
+    assert m["bits_per_spike"] == m["bits_per_spike_readout"]  # the model has a rate read-out: its headline
+    (cached,) = (tmp_path / "cache").glob("glm_*.npz")  # the GLM is fitted once and kept
     assert summary["data"] == str(small_sim_path) and summary["settings"]["split"] == "test"
     assert m["windows"] == 40 and m["units"] == 40
     # The true spikes counted are those of the first 40 test windows, from the block's start + past window.
@@ -86,8 +96,9 @@ def test_checkpoint_evaluation_writes_metrics_and_plots(trained, small_sim_path,
                             loaded.spec, loaded.family, loaded.train_config, "untrained")
     settings = family_settings(EvaluationConfig, FAST + ["--no-connectivity"])
     floor = evaluate(untrained, tmp_path / "untrained", settings, rec)["metrics"]
-    assert m["bits_per_spike"] > floor["bits_per_spike"] + 0.5, (m, floor)
-    assert abs(np.log(m["rate_ratio"])) < abs(np.log(floor["rate_ratio"])), (m, floor)
+    assert m["bits_per_spike_sampled"] > floor["bits_per_spike_sampled"] + 0.5, (m, floor)
+    assert abs(np.log(m["sampled_rate_ratio"])) < abs(np.log(floor["sampled_rate_ratio"])), (m, floor)
+    assert m["bits_per_spike_readout"] > floor["bits_per_spike_readout"], (m, floor)
     assert set(summary["plots"]) == PLOTS
     for name in PLOTS:
         image = matplotlib.image.imread(tmp_path / name)
