@@ -26,7 +26,8 @@ class NeuroformerFamily(ModelFamily):
 
     name = "neuroformer"
     evaluation_config = EvaluationConfig
-    headline_metrics = ("bits_per_spike", "psth_r_median", "spike_f1", "connectivity_auroc")
+    headline_metrics = ("bits_per_spike", "fraction_of_oracle", "minus_glm", "psth_r_median", "spike_f1",
+                        "connectivity_auroc")
 
     def model_config(self, model: Neuroformer) -> dict:
         return asdict(model.config)
