@@ -32,5 +32,6 @@ def compose(overrides: list[str], tmp_path: Path, sim_path: Path | None = None) 
         cfg.paths.output_dir = str(tmp_path / "outputs" / "run")
         if sim_path is not None and not cfg.data.paths:
             cfg.data.paths = [str(sim_path)]
+            cfg.data.split.n_blocks = 10  # the default recording's 40 blocks would be 1.5 s of a 60 s test file
         del cfg.hydra  # train() sees what @hydra.main passes: the job's config without the hydra node
     return cfg

@@ -291,3 +291,30 @@ def test_history_basis_doubles_and_glm_refuses_mismatched_input(small):
     with pytest.raises(ValueError, match="resolution|fitted at"):
         glm.expected_counts(rec, t0[:2], SpikeTokenizer(resolution=0.002))
     assert isinstance(glm, CoupledGLM)
+
+
+def test_cached_glm_is_fitted_once_per_recording_split_and_config(small_sim_path: Path, tmp_path: Path, monkeypatch):
+    import neuroformer.baselines.glm as glm_module
+
+    rec = read_nwb(small_sim_path)
+    split, config = SplitSpec(seed=42), GLMConfig(max_iter=5, penalties=(0.1,))
+    fitted = glm_module.cached_glm(rec, split, config, tmp_path)
+    (stored,) = tmp_path.glob("glm_*.npz")
+
+    def refit(*args, **kwargs):
+        raise AssertionError("fitted again although the fit is cached")
+
+    monkeypatch.setattr(glm_module, "fit_glm", refit)
+    again = glm_module.cached_glm(rec, split, config, tmp_path)
+    for name in ("bias", "stimulus", "coupling", "self_history", "behavior", "penalty", "max_count", "max_log_rate"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(fitted, name), err_msg=name)
+    assert again.behavior_names == fitted.behavior_names and again.stats.keys() == fitted.stats.keys()
+    tok = SpikeTokenizer()
+    starts = window_starts(rec.start, rec.stop, split, "test", tok.window, tok.past_window, tok.window)[:20]
+    np.testing.assert_array_equal(again.expected_counts(rec, starts, tok, 4), fitted.expected_counts(rec, starts, tok, 4))
+    # Another split or config is another fit.
+    with pytest.raises(AssertionError, match="fitted again"):
+        glm_module.cached_glm(rec, SplitSpec(seed=7), config, tmp_path)
+    with pytest.raises(AssertionError, match="fitted again"):
+        glm_module.cached_glm(rec, split, GLMConfig(max_iter=6, penalties=(0.1,)), tmp_path)
+    assert list(tmp_path.glob("glm_*.npz")) == [stored]

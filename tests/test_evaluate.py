@@ -26,7 +26,7 @@ from neuroformer.registry.tracking import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOTS = {"raster.png", "rate_calibration.png", "psth.png", "psth_correlation.png", "connectivity.png"}
-FAST = ["--n-samples", "2", "--max-windows", "40", "--batch-size", "40"]
+FAST = ["--n-samples", "2", "--max-windows", "40", "--batch-size", "40", "--no-baselines"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def trained(tmp_path_factory, small_sim_path):
     tmp = tmp_path_factory.mktemp("evaluate")
     with mlflow_server(tmp / "server") as uri:
         cmd = [sys.executable, "train.py", f"data.paths=[{small_sim_path}]", "model.n_embd=32", "model.n_head=2",
-               "model.n_layer=1", "model.patch=[1,8,8]", "trainer.max_epochs=2", "+trainer.limit_train_batches=30",
+               "model.n_layer=1", "model.patch=[1,8,8]", "data.split.n_blocks=10", "trainer.max_epochs=2",
+               "+trainer.limit_train_batches=30",
                "task.lr=3e-3", "task.warmup_steps=5", "evaluate=null",
                "+trainer.limit_val_batches=2", "registry.model_name=nf-eval", "registry.alias=champion",
                f"paths.output_root={tmp}", f"hydra.run.dir={tmp}/run"]
@@ -53,31 +54,43 @@ def trained(tmp_path_factory, small_sim_path):
             yield tmp / "run", uri
 
 
-def repeated_test_trials(path: Path) -> int:
-    """Trials with clip_id >= 0 whose span and preceding past window (0.15 s) lie in the test block."""
+def repeated_test_trials(path: Path, split: SplitSpec) -> int:
+    """Trials with clip_id >= 0 whose span and preceding past window (0.15 s) lie in one test block."""
     rec = read_nwb(path)
-    names = SplitSpec(seed=42).assign()  # the training split of the fixture's run (seed 42)
+    names = split.assign()
     edges = np.linspace(rec.start, rec.stop, len(names) + 1)
-    (b,) = np.flatnonzero(names == "test")
     t = rec.trials
-    return int(((t.columns["clip_id"] >= 0) & (t.start - 0.15 >= edges[b]) & (t.stop <= edges[b + 1])).sum())
+    inside = [(t.start - 0.15 >= edges[b]) & (t.stop <= edges[b + 1]) for b in np.flatnonzero(names == "test")]
+    return int(((t.columns["clip_id"] >= 0) & np.any(inside, axis=0)).sum())
 
 
 def test_checkpoint_evaluation_writes_metrics_and_plots(trained, small_sim_path, tmp_path, monkeypatch):
     run, _ = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a checkpoint needs no server; nothing is logged
     checkpoint = next((run / "checkpoints").glob("best*.ckpt"))
-    assert main(["--model", str(checkpoint), "--out", str(tmp_path), *FAST]) == 0  # data: the training file
+    with_baselines = [a for a in FAST if a != "--no-baselines"] + ["--baseline-cache", str(tmp_path / "cache")]
+    assert main(["--model", str(checkpoint), "--out", str(tmp_path), *with_baselines]) == 0  # data: the training file
     summary = json.loads((tmp_path / "metrics.json").read_text())
     m = summary["metrics"]
+    # The reference predictors on the same windows: the oracle (a simulated file) above the GLM and the
+    # mean rate; the model as a fraction of the oracle and minus the GLM, each with its interval.
+    assert m["oracle_bits_per_spike"] > max(m["glm_bits_per_spike"], m["mean_rate_bits_per_spike"])
+    assert m["fraction_of_oracle"] == pytest.approx(m["bits_per_spike"] / m["oracle_bits_per_spike"])
+    assert m["minus_glm"] == pytest.approx(m["bits_per_spike"] - m["glm_bits_per_spike"])
+    for key in ("bits_per_spike", "oracle_bits_per_spike", "glm_bits_per_spike", "fraction_of_oracle", "minus_glm"):
+        assert m[f"{key}_low"] <= m[key] <= m[f"{key}_high"], key
+    assert m["bits_per_spike"] == m["bits_per_spike_readout"]  # the model has a rate read-out: its headline
+    (cached,) = (tmp_path / "cache").glob("glm_*.npz")  # the GLM is fitted once and kept
     assert summary["data"] == str(small_sim_path) and summary["settings"]["split"] == "test"
     assert m["windows"] == 40 and m["units"] == 40
-    # The true spikes counted are those of the first 40 test windows, from the block's start + past window.
-    rec = read_nwb(small_sim_path)
-    names = SplitSpec(seed=42).assign()
+    # The true spikes counted are those of the first 40 test windows, from the first test block's start + past
+    # window, under the split the model was trained with (the run's: seed 42, 10 blocks).
+    rec, split = read_nwb(small_sim_path), load(checkpoint).spec.split
+    assert split == SplitSpec(n_blocks=10, seed=42)
+    names = split.assign()
     t0 = np.linspace(rec.start, rec.stop, len(names) + 1)[np.flatnonzero(names == "test")[0]] + 0.15
     assert m["true_spikes"] == ((rec.units.spike_times >= t0) & (rec.units.spike_times < t0 + 40 * 0.05)).sum()
-    assert m["psth_trials"] == repeated_test_trials(small_sim_path) > 0
+    assert m["psth_trials"] == repeated_test_trials(small_sim_path, split) > 0
     assert m["connectivity_n_links"] == np.count_nonzero(load_ground_truth(small_sim_path).connectivity)
     # Two short epochs put the trained model far ahead of the same architecture untrained, on
     # the same windows and samples.
@@ -86,8 +99,9 @@ def test_checkpoint_evaluation_writes_metrics_and_plots(trained, small_sim_path,
                             loaded.spec, loaded.family, loaded.train_config, "untrained")
     settings = family_settings(EvaluationConfig, FAST + ["--no-connectivity"])
     floor = evaluate(untrained, tmp_path / "untrained", settings, rec)["metrics"]
-    assert m["bits_per_spike"] > floor["bits_per_spike"] + 0.5, (m, floor)
-    assert abs(np.log(m["rate_ratio"])) < abs(np.log(floor["rate_ratio"])), (m, floor)
+    assert m["bits_per_spike_sampled"] > floor["bits_per_spike_sampled"] + 0.5, (m, floor)
+    assert abs(np.log(m["sampled_rate_ratio"])) < abs(np.log(floor["sampled_rate_ratio"])), (m, floor)
+    assert m["bits_per_spike_readout"] > floor["bits_per_spike_readout"], (m, floor)
     assert set(summary["plots"]) == PLOTS
     for name in PLOTS:
         image = matplotlib.image.imread(tmp_path / name)

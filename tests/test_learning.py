@@ -1,10 +1,13 @@
-"""The default run learns (slow: the full default configuration, as `python train.py` runs it).
+"""The default run learns, measured against the ceiling (slow: the full default configuration, as
+`python train.py` runs it).
 
-Evidence asked of the platform: on the held-out test block of the default simulated
-recording, the ID cross-entropy is at least 10% below the per-unit firing-frequency
-(unigram) baseline, the same model without stimulus frames is measurably worse, and the
-run's own evaluation shows generated spikes that beat each unit's mean rate (NLB bits per
-spike > 0) and follow the stimulus (PSTH correlation across repeated trials).
+Evidence asked of the platform, on the held-out test blocks of the default simulated recording,
+each number next to the simulator's forecast oracle (the best possible prediction) and the
+coupled Poisson GLM fitted on the same training blocks (docs/evaluation.md, docs/baselines.md):
+the ID cross-entropy is below the unigram baseline; the model's bits per spike reach a set
+fraction of the oracle's and come close to the GLM's, both with block-bootstrap intervals;
+its generated spike counts match the true ones; and the same model without stimulus frames
+loses at least a third of what the stimulus is worth to the oracle.
 """
 
 import json
@@ -16,35 +19,55 @@ from neuroformer.training import train
 from tests.configs import compose
 
 pytestmark = pytest.mark.slow
+# Measured on one default run (docs/evaluation.md): fraction of the oracle 0.900 [0.874, 0.915],
+# model - GLM -0.011 [-0.016, -0.007] bits/spike, generated / true spikes 0.919, ID cross-entropy
+# 4.8% below the unigram. The thresholds leave room for run-to-run variation.
+FRACTION_OF_ORACLE = 0.75  # lower end of the paired interval
+GLM_MARGIN = -0.05  # lower end of the paired interval of model - GLM, bits per spike: at most this far behind
 
 
 @pytest.fixture(scope="module")
-def default_metrics(tmp_path_factory):
+def default_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("default_run")
     cfg = compose(["registry.register=false"], tmp)
     train(cfg)
     out = Path(cfg.paths.output_dir)
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["evaluation"] = json.loads((out / "evaluation" / "metrics.json").read_text())["metrics"]
-    return metrics
+    return metrics, cfg
 
 
-def test_default_run_beats_unigram_by_ten_percent(default_metrics):
-    m = default_metrics
-    assert m["test/id_ce"] <= 0.9 * m["test/id_ce_unigram"], m
+def test_default_run_beats_unigram(default_run):
+    m, _ = default_run
+    # Tokens are in time order within a 5 ms bin (was: by unit), so the order of the ~3 spikes of a bin
+    # is now part of what is predicted: the cross-entropy per token is higher for the same model quality.
+    assert m["test/id_ce"] <= 0.97 * m["test/id_ce_unigram"], m
 
 
-def test_default_model_generates_spikes_better_than_mean_rates(default_metrics):
-    e = default_metrics["evaluation"]
-    assert e["bits_per_spike"] > 0, e
-    # Measured 0.29 against a noise ceiling of 0.58 (what the finite trials allow).
+def test_default_model_reaches_most_of_the_ceiling_and_nearly_the_glm(default_run):
+    e = default_run[0]["evaluation"]
+    # Paired 95% intervals: the fraction of the oracle and the margin over the GLM, on the same windows.
+    assert e["fraction_of_oracle_low"] >= FRACTION_OF_ORACLE, e
+    assert e["minus_glm_low"] > GLM_MARGIN, e
+    assert e["bits_per_spike_low"] > e["mean_rate_bits_per_spike_high"], e
     assert e["psth_r_median"] > 0.3 * e["psth_noise_ceiling_median"] > 0, e
 
 
-def test_removing_the_stimulus_makes_it_worse(default_metrics, tmp_path):
-    cfg = compose(["experiment=no_stimulus", "registry.register=false", "evaluate=null"], tmp_path)
+def test_generated_spike_counts_match_the_true_counts(default_run):
+    e = default_run[0]["evaluation"]
+    assert abs(e["generated_count_ratio"] - 1) <= 0.10, e
+
+
+def test_removing_the_stimulus_costs_a_third_of_what_it_is_worth(default_run, tmp_path):
+    metrics, default_cfg = default_run
+    cfg = compose(["experiment=no_stimulus", "registry.register=false", "evaluate.n_samples=2",
+                   "evaluate.connectivity=false", f"evaluate.baseline_cache={default_cfg.evaluate.baseline_cache}"],
+                  tmp_path)
     train(cfg)
     ablated = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert ablated["test/id_ce_unigram"] == pytest.approx(default_metrics["test/id_ce_unigram"])
-    # Measurably: at least 0.02 nats per token worse on the same test tokens.
-    assert ablated["test/id_ce"] > default_metrics["test/id_ce"] + 0.02, (ablated, default_metrics)
+    assert ablated["test/id_ce_unigram"] == pytest.approx(metrics["test/id_ce_unigram"])
+    assert ablated["test/id_ce"] > metrics["test/id_ce"] + 0.02, (ablated, metrics)
+    e = metrics["evaluation"]
+    a = json.loads((Path(cfg.paths.output_dir) / "evaluation" / "metrics.json").read_text())["metrics"]
+    # The stimulus and running alone are worth about the whole oracle here (docs/baselines.md: 99%).
+    assert e["bits_per_spike"] - a["bits_per_spike"] >= e["oracle_bits_per_spike"] / 3, (e, a)

@@ -108,3 +108,30 @@ def test_attention_dropout_is_its_own_setting():
         assert all(block.self_attn.dropout == attn_dropout for block in model.blocks)
     model.eval()
     assert torch.equal(model(batch.inputs).id_logits, model(batch.inputs).id_logits)
+
+
+def test_rate_readout_forecasts_from_the_context_alone_and_learns_counts():
+    model, batch = make_model(rate_bins=4, rate_skip=2), make_batch()
+    out = model(batch.inputs)
+    assert out.log_rates.shape == (3, 4, V)
+    # The read-out never sees the current window's tokens: it is a forecast of the whole window.
+    other = model(batch.inputs._replace(ids=batch.ids.flip(0), dts=batch.dts.flip(0)))
+    torch.testing.assert_close(other.log_rates, out.log_rates, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.rates(batch.inputs), out.log_rates.exp(), rtol=1e-6, atol=1e-7)
+    # ...but sees every modality, the stimulus through its skip path too.
+    for field, value in (("frames", batch.frames + 1), ("behavior", batch.behavior + 1),
+                         ("past_ids", batch.past_ids.roll(1, dims=0))):
+        assert not torch.allclose(model(batch.inputs._replace(**{field: value})).log_rates, out.log_rates), field
+    # Its Poisson loss fits known counts: a few steps move the rates towards the target.
+    counts = torch.zeros(3, 4, V)
+    counts[:, :, N_SPECIAL + 2] = 3.0
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = model.losses(model(batch.inputs), batch.target_ids, batch.target_dts, counts)["rate_nll"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    rates = model.eval().rates(batch.inputs)
+    assert (rates[..., N_SPECIAL + 2] > 1.5).all() and (rates[..., N_SPECIAL + 3] < 0.05).all()
+    assert "rate_nll" not in make_model().losses(make_model()(batch.inputs), batch.target_ids, batch.target_dts, counts)

@@ -49,3 +49,26 @@ def test_bad_split_settings_are_refused():
         SplitSpec(n_blocks=2).assign()
     with pytest.raises(ValueError, match="no block for training"):
         SplitSpec(n_blocks=4, val_fraction=0.5, test_fraction=0.5).assign()
+
+
+def test_default_recording_is_tested_on_interleaved_blocks_without_leakage():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.configs import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.root_dir=.", "paths.output_dir=."])
+    spec = instantiate(cfg.data.split)
+    names = spec.assign()
+    test_blocks = np.flatnonzero(names == "test")
+    # Several test blocks spread over the session (not one stretch), none next to another.
+    assert len(test_blocks) >= 4 and np.diff(test_blocks).min() > 1
+    assert test_blocks.min() < spec.n_blocks / 3 and test_blocks.max() > 2 * spec.n_blocks / 3
+    duration = cfg.data.simulate.duration
+    t0 = {s: window_starts(0.0, duration, spec, s, W, PAST, W) for s in ("train", "val", "test")}
+    touched = {s: np.stack([t - PAST, t + W], axis=1) for s, t in t0.items()}
+    for other in ("train", "val"):
+        a, b = touched[other], touched["test"]
+        assert not ((a[:, None, 0] < b[None, :, 1]) & (b[None, :, 0] < a[:, None, 1])).any(), other
+    assert len(t0["test"]) * W > 0.09 * duration  # still about a tenth of the recording

@@ -1,4 +1,4 @@
-"""Tokenizer: exact round trip at the resolution, ordering, truncation, sequences, counts rule."""
+"""Tokenizer: exact round trip at the resolution, time ordering, truncation, sequences, counts rule."""
 
 import numpy as np
 import pytest
@@ -25,21 +25,21 @@ def test_round_trip_is_exact_at_resolution():
         sel = (times >= t0) & (times < t0 + tok.window)
         dec_t, dec_u = tok.decode(enc.ids[b], enc.dts[b], t0)
         expected_bins = np.floor((times[sel] - t0) / tok.resolution).astype(int)
-        order = np.lexsort((units[sel], expected_bins))
-        np.testing.assert_array_equal(dec_u, units[sel][order])
-        np.testing.assert_allclose(dec_t, t0 + expected_bins[order] * tok.resolution, atol=1e-12)
+        np.testing.assert_array_equal(dec_u, units[sel])  # time order, also within a bin
+        np.testing.assert_allclose(dec_t, t0 + expected_bins * tok.resolution, atol=1e-12)
         # Re-tokenising the decoded spikes gives the very same tokens.
         again = tok.encode(dec_t + 1e-9, dec_u, np.array([t0]), tok.window, 200)
         np.testing.assert_array_equal(again.ids[0], enc.ids[b])
         np.testing.assert_array_equal(again.dts[0], enc.dts[b])
 
 
-def test_tokens_ordered_by_time_then_unit_and_padded():
+def test_tokens_in_time_order_within_a_bin_and_padded():
     tok = SpikeTokenizer(window=0.05, resolution=0.01)
     times = np.array([0.001, 0.002, 0.015, 0.049, 0.05])
     units = np.array([7, 3, 1, 0, 5])  # the spike at 0.05 belongs to the next window
     enc = tok.encode(times, units, np.array([0.0]), 0.05, 6)
-    np.testing.assert_array_equal(enc.ids[0], [3, 7, 1, 0, PAD, PAD] + np.array([N_SPECIAL] * 4 + [0, 0]))
+    # Unit 7 fired before unit 3 in the same bin: it comes first (unit order would swap them).
+    np.testing.assert_array_equal(enc.ids[0], [7, 3, 1, 0, PAD, PAD] + np.array([N_SPECIAL] * 4 + [0, 0]))
     np.testing.assert_array_equal(enc.dts[0][:4] - N_SPECIAL, [0, 0, 1, 4])
     assert enc.counts[0] == 4
 
@@ -50,6 +50,32 @@ def test_truncation_drops_the_latest_spikes_and_counts_them():
     enc = tok.encode(times, np.arange(10), np.array([0.0]), 0.05, 4)
     assert enc.counts[0] == 4 and enc.dropped[0] == 6
     np.testing.assert_array_equal(enc.ids[0] - N_SPECIAL, [0, 1, 2, 3])
+
+
+def test_a_crowded_past_window_keeps_its_latest_spikes():
+    tok = SpikeTokenizer(window=0.05, past_window=0.15, max_past_tokens=5)
+    times = np.linspace(0.0, 0.149, 10)  # the past window of the current window at t0 = 0.15
+    units = np.arange(10)
+    enc = tok.encode(times, units, np.array([0.0]), tok.past_window, tok.max_past_tokens - 1, keep_latest=True)
+    assert enc.counts[0] == 4 and enc.dropped[0] == 6
+    np.testing.assert_array_equal(enc.ids[0] - N_SPECIAL, [6, 7, 8, 9])  # those next to the current window
+    np.testing.assert_array_equal(enc.dts[0] - N_SPECIAL, np.floor(times[6:] / tok.resolution))
+    # A window with room for all of its spikes is unchanged by keep_latest.
+    roomy = tok.encode(times, units, np.array([0.0, 0.07]), tok.past_window, 12, keep_latest=True)
+    plain = tok.encode(times, units, np.array([0.0, 0.07]), tok.past_window, 12)
+    np.testing.assert_array_equal(roomy.ids, plain.ids)
+    np.testing.assert_array_equal(roomy.dts, plain.dts)
+
+
+def test_a_cut_current_window_has_no_eos_target():
+    tok = SpikeTokenizer(max_tokens=4)
+    times = np.array([0.001, 0.002, 0.003, 0.004, 1.01])
+    enc = tok.encode(times, np.array([1, 2, 3, 4, 5]), np.array([0.0, 1.0]), tok.window, tok.max_tokens - 1)
+    seq = tok.current_sequences(enc)
+    # Window 0 holds 4 spikes, 3 fit: it does not end after the third, so nothing is taught there.
+    np.testing.assert_array_equal(seq["target_ids"][0], [1 + N_SPECIAL, 2 + N_SPECIAL, 3 + N_SPECIAL, PAD])
+    assert seq["target_dts"][0][-1] == PAD
+    np.testing.assert_array_equal(seq["target_ids"][1], [5 + N_SPECIAL, EOS, PAD, PAD])  # window 1 fits: EOS
 
 
 def test_teacher_forcing_sequences():

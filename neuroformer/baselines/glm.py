@@ -35,10 +35,14 @@ Connectivity (``coupling_strength``): the coupling kernel summed over lags up to
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ from neuroformer.data.recording import FrameSeries, Intervals, Recording
 from neuroformer.data.splits import SplitSpec
 from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
+from neuroformer.files import atomic_path
 from neuroformer.data.tokenizer import bin_spikes
 
 log = logging.getLogger(__name__)
@@ -436,3 +441,44 @@ def fit_glm(rec: Recording, train: np.ndarray, val: np.ndarray, config: GLMConfi
         max_count=train_counts.max(0), max_log_rate=max_log_rate,
         stats={k: np.asarray(v) for k, v in features.stats.items()}, behavior_names=features.names,
     )
+
+
+def cached_glm(rec: Recording, split: SplitSpec, config: GLMConfig, cache_dir: str | Path | None,
+               restrict_to: Intervals | None = None) -> CoupledGLM:
+    """``fit_glm`` on the training blocks of ``split`` (penalty chosen on its validation blocks), kept in ``cache_dir``.
+
+    The fit depends only on the recording's content, the split, the intervals and ``config``, so it
+    is stored under a key made of all four (the file's SHA-1, not its name) and reused by every
+    later evaluation of any model on the same data: the fit takes minutes, loading it milliseconds.
+    ``cache_dir=None`` fits without storing.
+    """
+    train, val = (split_spans(rec, split, name, restrict_to) for name in ("train", "val"))
+    if cache_dir is None:
+        return fit_glm(rec, train, val, config)
+    digest = hashlib.sha1()
+    with open(rec.path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(json.dumps([dataclasses.asdict(split), dataclasses.asdict(config), train.tolist()],
+                             sort_keys=True).encode())
+    path = Path(cache_dir) / f"glm_{Path(rec.path).stem}_{digest.hexdigest()[:12]}.npz"
+    if path.is_file():
+        log.info("GLM baseline: loaded the fit from %s", path)
+        return _load(path, config)
+    glm = fit_glm(rec, train, val, config)
+    arrays = {k: v for k, v in dataclasses.asdict(glm).items() if isinstance(v, np.ndarray)}
+    arrays.update({f"stats_{k}": v for k, v in glm.stats.items()})
+    with atomic_path(path) as tmp:
+        np.savez(tmp, behavior_names=np.asarray(glm.behavior_names, dtype=str), **arrays)
+    log.info("GLM baseline: fitted and stored in %s", path)
+    return glm
+
+
+def _load(path: Path, config: GLMConfig) -> CoupledGLM:
+    """A ``CoupledGLM`` stored by ``cached_glm``."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    stats = {k.removeprefix("stats_"): arrays.pop(k) for k in list(arrays) if k.startswith("stats_")}
+    names = [str(n) for n in arrays.pop("behavior_names")]
+    return CoupledGLM(config=config, stimulus=arrays.pop("stimulus", None), stats=stats, behavior_names=names,
+                      **arrays)

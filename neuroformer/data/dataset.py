@@ -20,7 +20,7 @@ from neuroformer.data.recording import Recording
 from neuroformer.data.source import DataSource
 from neuroformer.data.splits import SplitSpec
 from neuroformer.data.targets import BehaviorTarget
-from neuroformer.data.tokenizer import EOS, PAD, SpikeTokenizer
+from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SpikeTokenizer, bin_spikes
 from neuroformer.data.vocabulary import UnitVocabulary
 from neuroformer.errors import ModelMismatchError
 from neuroformer.models.neuroformer import NeuroformerInput
@@ -42,6 +42,8 @@ class Batch(NamedTuple):
         session: (B,) int64 index of the recording each window comes from.
         target_behavior: the fine-tuning target of each window (never a model input), or None:
             (B, D) float32 standardised regression targets, or (B,) int64 class labels (-1: none).
+        counts: (B, n_bins, id_vocab) float32 true spike count of every ID token per dt bin of the
+            current window, every spike kept (the rate read-out's target; never a model input), or None.
     """
 
     ids: torch.Tensor
@@ -55,6 +57,7 @@ class Batch(NamedTuple):
     t0: torch.Tensor
     session: torch.Tensor
     target_behavior: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     @property
     def inputs(self) -> NeuroformerInput:
@@ -206,13 +209,16 @@ class WindowDataset(torch.utils.data.Dataset):
         frames = np.zeros((len(idx), spec.n_frames, *spec.frame_shape), np.float32) if spec.n_frames else None
         behavior = np.zeros((len(idx), spec.behavior_steps, spec.n_behavior), np.float32) if spec.behavior else None
         target = spec.target.zeros(len(idx)) if spec.target is not None else None
+        counts = np.zeros((len(idx), tok.n_bins, spec.vocab.size), np.float32)
         for s in np.unique(session):
             rows = np.flatnonzero(session == s)
             times, units = self._spikes[s]
             enc = tok.encode(times, units, t0[rows], tok.window, tok.max_tokens - 1)
             for k, v in tok.current_sequences(enc).items():
                 cur[k][rows] = v
-            enc = tok.encode(times, units, t0[rows] - tok.past_window, tok.past_window, tok.max_past_tokens - 1)
+            counts[rows, :, N_SPECIAL:] = bin_spikes(times, units, t0[rows], tok, len(spec.vocab))
+            enc = tok.encode(times, units, t0[rows] - tok.past_window, tok.past_window, tok.max_past_tokens - 1,
+                             keep_latest=True)
             for k, v in tok.past_sequences(enc).items():
                 past[k][rows] = v
             rec = self.recordings[s]
@@ -231,6 +237,7 @@ class WindowDataset(torch.utils.data.Dataset):
             t0=as_t(t0),
             session=as_t(session),
             target_behavior=as_t(target) if target is not None else None,
+            counts=as_t(counts),
         )
 
     def _frames(self, rec: Recording, t0: np.ndarray) -> np.ndarray:
@@ -262,7 +269,7 @@ class WindowDataset(torch.utils.data.Dataset):
         for s, (times, units) in enumerate(self._spikes):
             enc = tok.encode(times, units, self.t0[self.session == s], tok.window, tok.max_tokens - 1)
             counts += np.bincount(enc.ids.ravel(), minlength=len(counts))
-            counts[EOS] += len(enc.counts)
+            counts[EOS] += int((enc.dropped == 0).sum())  # a cut window has no EOS target
         counts[PAD] = 0
         return counts
 

@@ -2,9 +2,14 @@
 
 Within a window ``[t0, t0 + length)`` each spike becomes one ID token (its unit) and one
 dt token (its offset from ``t0`` quantised to ``resolution`` seconds: bin ``floor((t-t0)/res)``).
-Tokens are ordered by dt bin, then unit index, so the order is a function of the
-quantised spikes alone and the inverse is exact at the resolution:
-``decode(encode(spikes))`` returns every spike at the left edge of its bin.
+Tokens are in time order, also within a bin (spikes at the same time keep their input order),
+so a cause is never placed after its effect, and the inverse is exact at the resolution:
+``decode(encode(spikes))`` returns every spike at the left edge of its bin, in token order,
+and re-encoding that gives the same tokens.
+
+When a window holds more spikes than its sequence, the current window keeps its earliest
+spikes (the model generates forwards from ``t0``) and the past window its latest (those closest
+to the window being predicted); a cut current window gets no EOS target (``current_sequences``).
 
 Both vocabularies reserve the first ``N_SPECIAL`` indices for PAD, SOS and EOS; units and
 dt bins follow. Reserving them first lets a unit vocabulary grow (new sessions) without
@@ -32,7 +37,8 @@ class EncodedWindows:
         ids: (B, L) int64 ID tokens (unit index + N_SPECIAL), PAD after the last spike.
         dts: (B, L) int64 dt tokens (bin + N_SPECIAL), PAD likewise.
         counts: (B,) int64 number of real tokens kept in each window.
-        dropped: (B,) int64 spikes that did not fit in ``L`` (latest spikes are dropped).
+        dropped: (B,) int64 spikes that did not fit in ``L`` (the latest, or with ``keep_latest``
+            the earliest, are dropped).
     """
 
     ids: np.ndarray
@@ -87,6 +93,7 @@ class SpikeTokenizer:
         starts: np.ndarray,
         length: float,
         max_len: int,
+        keep_latest: bool = False,
     ) -> EncodedWindows:
         """Tokenise the spikes of many windows at once (no loop over windows or units).
 
@@ -96,9 +103,11 @@ class SpikeTokenizer:
             starts: (B,) window start times ``t0``, seconds.
             length: window length, seconds.
             max_len: number of token slots per window.
+            keep_latest: a window with more than ``max_len`` spikes keeps its latest ones (past
+                windows), not its earliest (current windows).
 
         Returns:
-            EncodedWindows with (B, max_len) ids/dts ordered by (dt bin, unit).
+            EncodedWindows with (B, max_len) ids/dts in time order.
         """
         starts = np.asarray(starts, dtype=np.float64)
         lo = np.searchsorted(spike_times, starts, side="left")
@@ -111,10 +120,11 @@ class SpikeTokenizer:
         bins = np.floor((spike_times[spike_idx] - starts[window_of]) / self.resolution).astype(np.int64)
         bins = np.clip(bins, 0, math.ceil(round(length / self.resolution, 9)) - 1)
         units = spike_units[spike_idx].astype(np.int64)
-        order = np.lexsort((units, bins, window_of))
-        window_of, bins, units = window_of[order], bins[order], units[order]
-        slot = np.arange(len(order)) - first
-        keep = slot < max_len
+        # Spikes arrive window by window in time order: that is the token order.
+        slot = np.arange(len(spike_idx)) - first
+        if keep_latest:
+            slot -= np.repeat(np.maximum(n_in - max_len, 0), n_in)  # the earliest get negative slots
+        keep = (slot >= 0) & (slot < max_len)
         ids = np.full((len(starts), max_len), PAD, dtype=np.int64)
         dts = np.full((len(starts), max_len), PAD, dtype=np.int64)
         ids[window_of[keep], slot[keep]] = units[keep] + N_SPECIAL
@@ -142,7 +152,9 @@ class SpikeTokenizer:
         """Teacher-forcing sequences for the current window.
 
         Inputs are ``[SOS, s1..sn, PAD..]`` and targets ``[s1..sn, EOS, PAD..]``, so position
-        k predicts token k+1. ``enc`` must have been encoded with ``max_len = max_tokens - 1``.
+        k predicts token k+1. A window cut short (``enc.dropped > 0``) does not end after its
+        last kept spike, so its EOS target is PAD (ignored by the loss): the model is never
+        taught a false end of window. ``enc`` must have been encoded with ``max_len = max_tokens - 1``.
 
         Returns:
             dict with ids, dts, target_ids, target_dts, each (B, max_tokens) int64.
@@ -155,14 +167,15 @@ class SpikeTokenizer:
         target_ids = np.concatenate([enc.ids, pad], axis=1)
         target_dts = np.concatenate([enc.dts, pad], axis=1)
         rows = np.arange(batch)
-        target_ids[rows, enc.counts] = EOS
-        target_dts[rows, enc.counts] = EOS
+        end = np.where(enc.dropped > 0, PAD, EOS)
+        target_ids[rows, enc.counts] = end
+        target_dts[rows, enc.counts] = end
         return {"ids": ids, "dts": dts, "target_ids": target_ids, "target_dts": target_dts}
 
     def past_sequences(self, enc: EncodedWindows) -> dict[str, np.ndarray]:
         """Past-window context ``[SOS, s1..sn, PAD..]``; the SOS keeps an empty past attendable.
 
-        ``enc`` must have been encoded with ``max_len = max_past_tokens - 1``.
+        ``enc`` must have been encoded with ``max_len = max_past_tokens - 1`` and ``keep_latest``.
 
         Returns:
             dict with past_ids, past_dts, each (B, max_past_tokens) int64.

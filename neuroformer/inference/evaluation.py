@@ -6,10 +6,17 @@
 
 What is measured (docs/evaluation.md has the definitions and recorded numbers):
 
-- rates: expected counts per unit and 5 ms dt bin of every window, from ``n_samples`` sampled
-  sequences per window (``neuroformer.inference.rates``);
-- NLB bits per spike of those rates (``neuroformer.metrics.nlb``), jackknife-corrected for the
-  finite number of samples (``bits_per_spike``; the uncorrected value is ``bits_per_spike_plugin``);
+- rates: expected counts per unit and 5 ms dt bin of every window, from the model's rate read-out
+  (one pass, if it has one: ``bits_per_spike_readout``) and from ``n_samples`` sampled sequences
+  per window (``neuroformer.inference.rates``; ``bits_per_spike_sampled``, jackknife-corrected for
+  the finite number of samples; uncorrected ``bits_per_spike_plugin``). The headline
+  ``bits_per_spike`` is the read-out's when there is one, else the sampled one;
+- NLB bits per spike (``neuroformer.metrics.nlb``) of the same windows and bins for the reference
+  predictors (``neuroformer.baselines``): the simulator's forecast oracle (simulated recordings:
+  the ceiling), the coupled Poisson GLM fitted on the training blocks (cached in
+  ``baseline_cache``) and each unit's training mean rate; the model as a fraction of the oracle
+  and minus the GLM. Every one with its 95% block-bootstrap interval (``_low``, ``_high``;
+  ``neuroformer.metrics.bootstrap``; paired for the fraction and the difference);
 - spike-set precision/recall/F1 of the sampled windows against the true spikes, and of a
   homogeneous Poisson sampler at each unit's mean rate for reference
   (``neuroformer.metrics.spike_sets``);
@@ -34,12 +41,17 @@ import torch
 from neuroformer import plots
 from neuroformer.cli import option
 from neuroformer.data.recording import Recording
+from neuroformer.baselines.glm import GLMConfig, cached_glm, split_spans
+from neuroformer.baselines.mean_rate import mean_rate_counts
+from neuroformer.baselines.oracle import SimulatorOracle
+from neuroformer.data.dataset import WindowDataset, batches
 from neuroformer.data.splits import SplitSpec, window_starts
-from neuroformer.data.tokenizer import SpikeTokenizer, bin_spikes
+from neuroformer.data.tokenizer import N_SPECIAL, SpikeTokenizer, bin_spikes
 from neuroformer.errors import ConfigError, RecordingError
 from neuroformer.data.simulate import load_ground_truth
 from neuroformer.inference import connectivity
 from neuroformer.inference.rates import expected_counts
+from neuroformer.metrics.bootstrap import Interval, bits_per_spike_interval, paired_interval
 from neuroformer.metrics.links import score_links
 from neuroformer.metrics.nlb import bits_per_spike
 from neuroformer.metrics.psth import noise_ceiling, psth, psth_correlation, rebin
@@ -67,6 +79,9 @@ class EvaluationConfig:
                                       "spike's effect, docs/connectivity.md) or attention_x_gradient")
     connectivity_contexts: int = option(128, "test windows the perturbation uses as contexts (each costs units + 1 "
                                         "model rows)")
+    baselines: bool = option(True, "also score the oracle (simulated files), the coupled GLM and the mean rate")
+    baseline_samples: int = option(64, "simulations per window of the oracle and GLM forecasts")
+    baseline_cache: str = option("outputs/data/baselines", "folder keeping fitted GLMs ('': refit every time)")
     raster_seconds: float = option(2.0, "length of the raster plot's stretch, seconds")
     psth_units: int = option(6, "units shown in the PSTH plot")
 
@@ -178,6 +193,52 @@ def _connectivity(loaded: LoadedModel, rec: Recording, starts: np.ndarray, cfg: 
     return result
 
 
+def readout_rates(loaded: LoadedModel, rec: Recording, starts: np.ndarray, batch_size: int) -> np.ndarray:
+    """(B, n_bins, U) the rate read-out's expected counts of ``rec``'s units in each window (one pass)."""
+    model, spec = loaded.model, loaded.spec
+    device = next(model.parameters()).device
+    columns = torch.as_tensor(spec.vocab.indices(rec.units.names, rec.path) + N_SPECIAL, device=device)
+    dataset = WindowDataset([rec], spec, [np.asarray(starts, dtype=np.float64)])
+    return np.concatenate([model.rates(batch.inputs)[..., columns].double().cpu().numpy()
+                           for batch in batches(dataset, batch_size, device)])
+
+
+def _interval_metrics(name: str, value: Interval) -> dict[str, float]:
+    return {name: value.estimate, f"{name}_low": value.low, f"{name}_high": value.high}
+
+
+def _baselines(model_rates: np.ndarray, rec: Recording, split: SplitSpec, tok: SpikeTokenizer, starts: np.ndarray,
+               true: np.ndarray, cfg: EvaluationConfig) -> dict[str, float]:
+    """The reference predictors on the model's windows, and the model against them (module docstring).
+
+    Args:
+        model_rates: (B, n_bins, U) the model's headline rates. true: (B, n_bins, U) true counts.
+        starts: (B,) window starts (the bootstrap blocks follow them).
+    """
+    predictions = {}
+    try:
+        oracle = SimulatorOracle.from_file(rec.path)
+    except RecordingError:
+        log.info("%s holds no simulation: no oracle, the GLM is the reference", rec.path)
+    else:
+        predictions["oracle"] = oracle.expected_counts(rec, starts, tok, cfg.baseline_samples, seed=cfg.seed)
+    glm = cached_glm(rec, split, GLMConfig(resolution=tok.resolution, history=tok.past_window),
+                     cfg.baseline_cache or None)
+    predictions["glm"] = glm.expected_counts(rec, starts, tok, cfg.baseline_samples, seed=cfg.seed)
+    predictions["mean_rate"] = mean_rate_counts(rec, split_spans(rec, split, "train"), starts, tok)
+    metrics = {}
+    for name, rates in predictions.items():
+        metrics.update(_interval_metrics(f"{name}_bits_per_spike", bits_per_spike_interval(rates, true, starts)))
+        metrics[f"{name}_rate_ratio"] = float(rates.sum() / max(true.sum(), 1))
+    metrics.update(_interval_metrics("minus_glm", paired_interval(model_rates, predictions["glm"], true, starts)))
+    if "oracle" in predictions:
+        metrics.update(_interval_metrics("fraction_of_oracle", paired_interval(
+            model_rates, predictions["oracle"], true, starts, compare="ratio")))
+        metrics.update(_interval_metrics("glm_fraction_of_oracle", paired_interval(
+            predictions["glm"], predictions["oracle"], true, starts, compare="ratio")))
+    return metrics
+
+
 def evaluate(loaded: LoadedModel, rec: Recording, out: str | Path, cfg: EvaluationConfig = EvaluationConfig()
              ) -> dict:
     """Evaluate ``loaded`` on ``rec``'s ``cfg.split`` block; writes PNGs into ``out``.
@@ -212,10 +273,22 @@ def evaluate(loaded: LoadedModel, rec: Recording, out: str | Path, cfg: Evaluati
     null_rate = obs.mean(axis=(0, 1))
     null_samples = np.random.default_rng(cfg.seed).poisson(null_rate, size=samples.shape)
     true_per_window = obs.sum(axis=(1, 2))
+    sampled = jackknife(lambda r: bits_per_spike(r, obs), est.sample_rates[:, :n])
+    plugin = bits_per_spike_interval(rates, obs, grid)
+    if model.config.rate_bins:
+        readout = readout_rates(loaded, rec, starts, cfg.batch_size)  # the PSTH trials' windows too
+        headline_rates = readout[:n]
+        headline = bits_per_spike_interval(headline_rates, obs, grid)
+    else:  # the jackknife shifts the plug-in estimate; its interval is shifted alike
+        readout, headline_rates, shift = None, rates, sampled - plugin.estimate
+        headline = dataclasses.replace(plugin, estimate=sampled, low=plugin.low + shift, high=plugin.high + shift)
     metrics = {
-        "bits_per_spike": jackknife(lambda r: bits_per_spike(r, obs), est.sample_rates[:, :n]),
-        "bits_per_spike_plugin": bits_per_spike(rates, obs),
-        "rate_ratio": float(rates.sum() / max(obs.sum(), 1)),
+        **_interval_metrics("bits_per_spike", headline),
+        "bits_per_spike_sampled": sampled,
+        "bits_per_spike_plugin": plugin.estimate,
+        "rate_ratio": float(headline_rates.sum() / max(obs.sum(), 1)),
+        "sampled_rate_ratio": float(rates.sum() / max(obs.sum(), 1)),
+        "generated_count_ratio": float(samples.sum() / max(obs.sum() * len(samples), 1)),
         **{f"spike_{k}": v for k, v in _spike_scores(samples, obs, cfg.tolerance_bins).items()},
         **{f"poisson_spike_{k}": v for k, v in _spike_scores(null_samples, obs, cfg.tolerance_bins).items()},
         "windows": float(n),
@@ -225,9 +298,14 @@ def evaluate(loaded: LoadedModel, rec: Recording, out: str | Path, cfg: Evaluati
         "generated_spikes_per_window": float(samples.sum(axis=(2, 3)).mean()),
         "windows_over_capacity": float((true_per_window > tok.max_tokens - 1).mean()),
     }
+    if model.config.rate_bins:
+        metrics["bits_per_spike_readout"] = headline.estimate
+    if cfg.baselines:
+        metrics.update(_baselines(headline_rates, rec, split, tok, grid, obs, cfg))
     names = list(rec.units.names)
     if len(onsets) and per_trial:
-        metrics.update(_psth(est.rates[n:], true[n:], groups, per_trial, cfg, tok, names, out))
+        trial_rates = readout[n:] if readout is not None else est.rates[n:]
+        metrics.update(_psth(trial_rates, true[n:], groups, per_trial, cfg, tok, names, out))
     if cfg.connectivity:
         metrics.update(_connectivity(loaded, rec, grid, cfg, out))
 
@@ -238,7 +316,7 @@ def evaluate(loaded: LoadedModel, rec: Recording, out: str | Path, cfg: Evaluati
                             title=f"{cfg.split} block: true vs generated (open loop, one sample per window)"),
                out / "raster.png")
     seconds = n * tok.window
-    plots.save(plots.rate_calibration(rates.sum(axis=(0, 1)) / seconds, obs.sum(axis=(0, 1)) / seconds),
+    plots.save(plots.rate_calibration(headline_rates.sum(axis=(0, 1)) / seconds, obs.sum(axis=(0, 1)) / seconds),
                out / "rate_calibration.png")
     settings = {"split_spec": dataclasses.asdict(split), "resolution_s": tok.resolution, "window_s": tok.window}
     return {"metrics": metrics, "settings": settings}

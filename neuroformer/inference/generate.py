@@ -7,8 +7,8 @@ window ends (EOS) and whether time moves on to a later bin; then the unit ID, gi
 Each draw applies, in order,
 
 1. constraints: PAD and SOS are never drawn; a dt is EOS or a bin of the current window no
-   earlier than the previous spike's; the ID is EOS exactly when the dt is, and within one
-   bin unit IDs never decrease. That is the tokenizer's canonical order, so decoding and
+   earlier than the previous spike's; the ID is EOS exactly when the dt is. That is the
+   tokenizer's order (time order; any order of units within a bin), so decoding and
    re-encoding a sample gives it back. (docs/generation.md compares other orders of drawing.)
 2. temperature, then top-k, then top-p (nucleus) filtering;
 3. an exact draw: the argmax of log-probabilities plus Gumbel noise from a seeded generator.
@@ -136,14 +136,11 @@ def dt_constraint(last_bin: torch.Tensor, n_bins: int, dt_vocab: int) -> torch.T
     return ok
 
 
-def id_constraint(new_dt: torch.Tensor, last_id: torch.Tensor, last_bin: torch.Tensor,
-                   allowed: torch.Tensor) -> torch.Tensor:
-    """(B, V_id) bool: EOS after a dt EOS; else an allowed unit, not below the previous one in the same bin."""
+def id_constraint(new_dt: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(B, V_id) bool: EOS after a dt EOS, else an allowed unit."""
     ids = torch.arange(len(allowed), device=new_dt.device)
-    same_bin = (new_dt - N_SPECIAL == last_bin)[:, None]
-    ok = allowed[None, :] & (~same_bin | (ids[None, :] >= last_id[:, None]))
-    ended = new_dt == EOS
-    ok[ended] = ids[None, :] == EOS
+    ok = allowed[None, :].repeat(len(new_dt), 1)
+    ok[new_dt == EOS] = ids == EOS
     return ok
 
 
@@ -201,7 +198,6 @@ def sample_windows(
     ids = torch.full((B, T), PAD, dtype=torch.long, device=device)
     dts = torch.full((B, T), PAD, dtype=torch.long, device=device)
     ids[:, 0], dts[:, 0] = SOS, SOS
-    last_id = torch.zeros(B, dtype=torch.long, device=device)  # below every unit: no constraint yet
     last_bin = torch.zeros(B, dtype=torch.long, device=device)
     counts = torch.zeros(B, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
@@ -212,13 +208,12 @@ def sample_windows(
         steps += 1
         dt_ok = dt_constraint(last_bin, n_bins, cfg.dt_vocab_size)
         new_dt = draw(dt_logits.masked_fill(~dt_ok, NEG_INF), sampling, generator)
-        id_ok = id_constraint(new_dt, last_id, last_bin, allowed)
+        id_ok = id_constraint(new_dt, allowed)
         new_id = draw(id_logits.masked_fill(~id_ok, NEG_INF), sampling, generator)
         ended |= new_dt == EOS
         live = ~ended
         ids[live, t + 1], dts[live, t + 1] = new_id[live], new_dt[live]
         counts += live
-        last_id = torch.where(live, new_id, last_id)
         last_bin = torch.where(live, new_dt - N_SPECIAL, last_bin)
         if ended.all():
             break
@@ -232,7 +227,7 @@ def _with_past(spec: InputSpec, x: NeuroformerInput, t0: np.ndarray, streams: li
     past_ids, past_dts = [], []
     for start, (times, units) in zip(t0, streams):
         enc = tok.encode(times, unit_vocab[units], np.array([start - tok.past_window]), tok.past_window,
-                         tok.max_past_tokens - 1)
+                         tok.max_past_tokens - 1, keep_latest=True)
         seq = tok.past_sequences(enc)
         past_ids.append(seq["past_ids"])
         past_dts.append(seq["past_dts"])

@@ -64,7 +64,8 @@ def insertion_lags(tok: SpikeTokenizer, max_lag: float) -> np.ndarray:
 
 
 def window_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, start: np.ndarray, length: float,
-                  max_len: int, extra_unit: np.ndarray, extra_offset: np.ndarray) -> EncodedWindows:
+                  max_len: int, extra_unit: np.ndarray, extra_offset: np.ndarray,
+                  keep_latest: bool = False) -> EncodedWindows:
     """``tok.encode`` of the windows ``[start, start + length)``, each with one added spike.
 
     Args:
@@ -72,6 +73,7 @@ def window_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, sta
         start: (R,) window starts, seconds. length, max_len: as ``SpikeTokenizer.encode``'s.
         extra_unit: (R,) vocabulary unit index of the spike added to each row (-1: none).
         extra_offset: (R,) seconds after ``start`` of the added spike.
+        keep_latest: a crowded window keeps its latest spikes (as the dataset encodes past windows).
     """
     R = len(start)
     # Each row's window is laid out on its own stretch of a virtual time axis, so windows that
@@ -85,7 +87,7 @@ def window_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, sta
     v_times = np.concatenate([origin[row] + (times[idx] - start[row]), origin[add] + extra_offset[add]])
     v_units = np.concatenate([units[idx], extra_unit[add]])
     order = np.lexsort((v_units, v_times))
-    return tok.encode(v_times[order], v_units[order], origin, length, max_len)
+    return tok.encode(v_times[order], v_units[order], origin, length, max_len, keep_latest=keep_latest)
 
 
 def past_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0: np.ndarray,
@@ -93,7 +95,7 @@ def past_tokens(tok: SpikeTokenizer, times: np.ndarray, units: np.ndarray, t0: n
     """Past-window tokens (R, max_past_tokens) of windows starting at ``t0`` (R,), as the dataset makes them, each
     with a spike of ``extra_unit`` (-1: none) added ``extra_lag`` seconds before ``t0`` (``window_tokens``)."""
     enc = window_tokens(tok, times, units, t0 - tok.past_window, tok.past_window, tok.max_past_tokens - 1,
-                        extra_unit, tok.past_window - extra_lag)
+                        extra_unit, tok.past_window - extra_lag, keep_latest=True)
     seq = tok.past_sequences(enc)
     return torch.from_numpy(seq["past_ids"]), torch.from_numpy(seq["past_dts"])
 

@@ -73,25 +73,21 @@ class RateEstimate(NamedTuple):
         return self.sample_rates.mean(axis=0, dtype=np.float64)
 
 
-def pair_probabilities(id_logits: torch.Tensor, dt_logits: torch.Tensor, last_id: torch.Tensor,
-                       last_bin: torch.Tensor, n_bins: int, allowed: torch.Tensor, sampling: SamplingConfig
-                       ) -> torch.Tensor:
+def pair_probabilities(id_logits: torch.Tensor, dt_logits: torch.Tensor, last_bin: torch.Tensor, n_bins: int,
+                       allowed: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """(N, n_bins, V_id): probability that ``sample_windows`` draws each (dt bin, unit) pair next.
 
     Mirrors the sampler's step: the dt is drawn first among EOS and the window's bins no earlier
-    than ``last_bin``, then the ID among the allowed units, not below ``last_id`` if the bin is
-    the same; each draw after temperature / top-k / top-p.
+    than ``last_bin``, then the ID among the allowed units; each draw after temperature / top-k / top-p.
 
     Args:
-        id_logits: (N, V_id). dt_logits: (N, V_dt). last_id, last_bin: (N,) the previous spike
-        (0, 0 before the first). allowed: (V_id,) bool, the units that may be generated.
+        id_logits: (N, V_id). dt_logits: (N, V_dt). last_bin: (N,) the previous spike's bin
+        (0 before the first). allowed: (V_id,) bool, the units that may be generated.
     """
     draw_p = lambda logits, ok: filter_logits(logits.masked_fill(~ok, NEG_INF), sampling).softmax(-1)  # noqa: E731
     p_dt = draw_p(dt_logits, dt_constraint(last_bin, n_bins, dt_logits.shape[-1]))[:, N_SPECIAL : N_SPECIAL + n_bins]
-    p_same = draw_p(id_logits, id_constraint(last_bin + N_SPECIAL, last_id, last_bin, allowed))
-    p_later = draw_p(id_logits, id_constraint(last_bin + N_SPECIAL + 1, last_id, last_bin, allowed))
-    same = (torch.arange(n_bins, device=last_bin.device)[None] == last_bin[:, None])[..., None]  # (N, n_bins, 1)
-    return p_dt[..., None] * torch.where(same, p_same[:, None], p_later[:, None])
+    p_id = draw_p(id_logits, id_constraint(last_bin + N_SPECIAL, allowed))  # any bin: the ID does not depend on it
+    return p_dt[..., None] * p_id[:, None]
 
 
 def _expected_pairs(model: Neuroformer, x: NeuroformerInput, gen: GeneratedWindows, n_bins: int,
@@ -105,11 +101,11 @@ def _expected_pairs(model: Neuroformer, x: NeuroformerInput, gen: GeneratedWindo
         rows = live[:, t]
         if not rows.any():
             break
-        # The sampler's state before step t: the previous spike (none before the first).
-        last_id = gen.ids[rows, t] if t else torch.zeros(int(rows.sum()), dtype=torch.long, device=rows.device)
-        last_bin = gen.dts[rows, t] - N_SPECIAL if t else torch.zeros_like(last_id)
-        total[rows] += pair_probabilities(out.id_logits[rows, t], out.dt_logits[rows, t], last_id, last_bin,
-                                          n_bins, allowed, sampling)
+        # The sampler's state before step t: the previous spike's bin (0 before the first).
+        last_bin = gen.dts[rows, t] - N_SPECIAL if t else torch.zeros(int(rows.sum()), dtype=torch.long,
+                                                                      device=rows.device)
+        total[rows] += pair_probabilities(out.id_logits[rows, t], out.dt_logits[rows, t], last_bin, n_bins, allowed,
+                                          sampling)
     return total
 
 

@@ -31,7 +31,7 @@ def window_features(backbone: Neuroformer, x: NeuroformerInput) -> tuple[ModelOu
         token is not PAD.
     """
     f = backbone.features(x)
-    return backbone.heads(f.hidden), masked_mean(f.hidden, x.ids != PAD)
+    return backbone.heads(f.hidden, x), masked_mean(f.hidden, x.ids != PAD)
 
 
 class BehaviorHead(nn.Module):

@@ -12,7 +12,13 @@ tokens, and every block cross-attends to a context made of
 - behaviour samples,
 
 each encoded separately and concatenated, with PAD keys masked everywhere. Two heads read
-the next unit ID and the next dt. A symmetric (CLIP-style) contrastive loss aligns a pooled
+the next unit ID and the next dt. An optional Poisson rate read-out (``rate_bins > 0``) reads
+the expected count of every unit in every dt bin of the current window from the SOS position,
+which sees the context only: a forecast of the whole window in one pass, trained with the
+Poisson likelihood of the window's true counts next to the token losses. With ``rate_skip`` its
+log-rates also get a linear function of the (pooled) stimulus frames and of the behaviour
+samples, a direct path for the linear part of the stimulus drive (a receptive field is a
+linear filter) that the attention path need not learn. A symmetric (CLIP-style) contrastive loss aligns a pooled
 embedding of the current window's spikes with pooled stimulus (and optionally behaviour)
 embeddings, each through its own projection.
 
@@ -33,8 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuroformer.data.tokenizer import PAD
+from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS
 from neuroformer.errors import ConfigError
+
+RATE_INIT = -3.5  # rate read-out bias at start: log of ~6 Hz in a 5 ms bin
+MAX_LOG_RATE = 5.0  # log expected count per bin cap: no overflow early in training
 
 
 @dataclass
@@ -57,6 +66,8 @@ class NeuroformerConfig:
     n_behavior: int = 0
     behavior_steps: int = 0
     contrastive_dim: int = 64
+    rate_bins: int = 0
+    rate_skip: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -111,6 +122,8 @@ class ModelOutput(NamedTuple):
         neural: (B, D) unit-norm contrastive embedding of the current window, or None.
         stimulus: (B, D) unit-norm contrastive embedding of the frames, or None.
         behavior: (B, D) unit-norm contrastive embedding of the behaviour, or None.
+        log_rates: (B, rate_bins, id_vocab_size) log expected count of every ID token per dt bin
+            of the current window, from the context alone (the rate read-out), or None.
     """
 
     id_logits: torch.Tensor
@@ -118,6 +131,7 @@ class ModelOutput(NamedTuple):
     neural: torch.Tensor | None = None
     stimulus: torch.Tensor | None = None
     behavior: torch.Tensor | None = None
+    log_rates: torch.Tensor | None = None
 
 
 class Features(NamedTuple):
@@ -344,12 +358,24 @@ class Neuroformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.id_head = nn.Linear(cfg.n_embd, cfg.id_vocab_size, bias=False)
         self.dt_head = nn.Linear(cfg.n_embd, cfg.dt_vocab_size, bias=False)
+        self.rate_head = nn.Linear(cfg.n_embd, cfg.rate_bins * cfg.id_vocab_size) if cfg.rate_bins else None
+        skip = cfg.rate_bins and cfg.rate_skip
+        # Linear skip paths into the log-rates: stimulus frames avg-pooled by rate_skip, behaviour samples.
+        self.rate_frames = nn.Linear(cfg.n_frames * math.prod(d // cfg.rate_skip for d in cfg.frame_shape),
+                                     cfg.id_vocab_size, bias=False) if skip and cfg.n_frames else None
+        self.rate_behavior = nn.Linear(cfg.behavior_steps * cfg.n_behavior, cfg.id_vocab_size,
+                                       bias=False) if skip and cfg.n_behavior else None
         # Contrastive projections, one per modality, and a learned temperature.
         self.neural_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim)
         self.stimulus_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.frames else None
         self.behavior_proj = nn.Linear(cfg.n_embd, cfg.contrastive_dim) if self.behavior else None
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))  # shape (1,): DeepSpeed cannot shard 0-dim parameters
         self.apply(self._init_weights)
+        if self.rate_head is not None:
+            nn.init.constant_(self.rate_head.bias, RATE_INIT)
+        for skip in (self.rate_frames, self.rate_behavior):
+            if skip is not None:
+                nn.init.zeros_(skip.weight)
         for module in (self, self.frames, self.behavior):
             for name, p in module.named_parameters(recurse=False) if module is not None else ():
                 if name.endswith("pos"):
@@ -423,12 +449,33 @@ class Neuroformer(nn.Module):
             contrastive: also return the unit-norm contrastive embeddings.
         """
         f = self.features(x)
-        out = self.heads(f.hidden)
+        out = self.heads(f.hidden, x)
         return self.contrastive_embeddings(x, f, out) if contrastive else out
 
-    def heads(self, hidden: torch.Tensor) -> ModelOutput:
-        """The ID and dt logits of hidden states (B, T, C) from ``features``."""
-        return ModelOutput(self.id_head(hidden), self.dt_head(hidden))
+    def heads(self, hidden: torch.Tensor, x: NeuroformerInput | None = None) -> ModelOutput:
+        """The ID and dt logits of hidden states (B, T, C) from ``features``, and the rate read-out if any
+        (its skip paths read the frames and behaviour of ``x``)."""
+        out = ModelOutput(self.id_head(hidden), self.dt_head(hidden))
+        if self.rate_head is None:
+            return out
+        log_rates = self.rate_head(hidden[:, 0]).view(len(hidden), self.config.rate_bins, -1)  # (B, bins, V) from SOS
+        if self.rate_frames is not None:
+            pooled = F.avg_pool2d(x.frames, self.config.rate_skip)  # (B, F, H/k, W/k)
+            log_rates = log_rates + self.rate_frames(pooled.flatten(1))[:, None]
+        if self.rate_behavior is not None:
+            log_rates = log_rates + self.rate_behavior(x.behavior.nan_to_num(0.0).flatten(1))[:, None]
+        return out._replace(log_rates=log_rates.clamp(max=MAX_LOG_RATE))
+
+    @torch.no_grad()
+    def rates(self, x: NeuroformerInput) -> torch.Tensor:
+        """(B, rate_bins, id_vocab_size) expected count of every ID token per dt bin of the current window.
+
+        Read from the context of ``x`` only (its current tokens are not used); needs the rate read-out.
+        """
+        if self.rate_head is None:
+            raise ConfigError("this Neuroformer has no rate read-out (train it with model.rate_readout=true)")
+        sos = torch.full((len(x.past_ids), 1), SOS, dtype=torch.long, device=x.past_ids.device)
+        return self(x._replace(ids=sos, dts=sos)).log_rates.exp()
 
     def contrastive_embeddings(self, x: NeuroformerInput, f: Features, out: ModelOutput) -> ModelOutput:
         """``out`` with the unit-norm contrastive embeddings of the window's modalities."""
@@ -453,7 +500,7 @@ class Neuroformer(nn.Module):
             tensors are part of the autograd graph (for attention x gradient).
         """
         f = self.features(x, need_weights=True)
-        return self.heads(f.hidden), f.attention
+        return self.heads(f.hidden, x), f.attention
 
     def start_decoding(self, x: NeuroformerInput) -> DecoderCache:
         """Encode a batch's context once and cache its cross-attention keys/values in every block.
@@ -499,17 +546,24 @@ class Neuroformer(nn.Module):
         cache.keep = keep
         return self.id_head(x), self.dt_head(x)
 
-    def losses(self, out: ModelOutput, target_ids: torch.Tensor, target_dts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mean token cross-entropies (PAD targets ignored) and the contrastive loss, if any.
+    def losses(self, out: ModelOutput, target_ids: torch.Tensor, target_dts: torch.Tensor,
+               counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Mean token cross-entropies (PAD targets ignored), the contrastive loss and the rate loss, if any.
 
         Args:
             out: the forward pass's outputs.
             target_ids, target_dts: (B, T) next-token targets ``[s1..sn, EOS, PAD..]``.
+            counts: (B, rate_bins, id_vocab_size) true counts of the current window (every spike,
+                none cut), for the rate read-out's Poisson loss ``rate_nll``: nats per true spike
+                (without the log y! constant).
         """
         losses = {
             "id_ce": F.cross_entropy(out.id_logits.flatten(0, 1), target_ids.flatten(), ignore_index=PAD),
             "dt_ce": F.cross_entropy(out.dt_logits.flatten(0, 1), target_dts.flatten(), ignore_index=PAD),
         }
+        if out.log_rates is not None and counts is not None:
+            nll = (out.log_rates.exp() - counts * out.log_rates)[..., N_SPECIAL:].sum()
+            losses["rate_nll"] = nll / counts.sum().clamp_min(1.0)
         pairs = [m for m in (out.stimulus, out.behavior) if m is not None]
         if out.neural is not None and pairs and out.neural.shape[0] > 1:
             scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -529,8 +583,9 @@ class Neuroformer(nn.Module):
         return asdict(self.config)
 
     @classmethod
-    def build(cls, spec, **hparams) -> Neuroformer:
-        """A model sized for the data described by ``spec`` (an ``InputSpec``)."""
+    def build(cls, spec, rate_readout: bool = False, **hparams) -> Neuroformer:
+        """A model sized for the data described by ``spec`` (an ``InputSpec``); ``rate_readout`` adds the
+        Poisson rate read-out over the current window's dt bins (``rate_skip``: with its linear skip paths)."""
         tok = spec.tokenizer
         cfg = NeuroformerConfig(
             id_vocab_size=spec.vocab.size,
@@ -541,6 +596,7 @@ class Neuroformer(nn.Module):
             frame_shape=spec.frame_shape,
             n_behavior=spec.n_behavior,
             behavior_steps=spec.behavior_steps if spec.n_behavior else 0,
+            rate_bins=tok.n_bins if rate_readout else 0,
             **hparams,
         )
         return cls(cfg)

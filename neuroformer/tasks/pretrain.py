@@ -26,7 +26,8 @@ class NeuroformerFamily(ModelFamily):
 
     name = "neuroformer"
     evaluation_config = EvaluationConfig
-    headline_metrics = ("bits_per_spike", "psth_r_median", "spike_f1", "connectivity_auroc")
+    headline_metrics = ("bits_per_spike", "fraction_of_oracle", "minus_glm", "psth_r_median", "spike_f1",
+                        "connectivity_auroc")
 
     def model_config(self, model: Neuroformer) -> dict:
         return asdict(model.config)
@@ -92,7 +93,8 @@ class PretrainTask(NeuroformerTask):
     Args:
         model: the Neuroformer to train (built from the data's spec).
         spec: the data's InputSpec; saved in every checkpoint so it can be rebuilt alone.
-        loss_weights: weight of each loss term: ``id_ce``, ``dt_ce``, ``contrastive``.
+        loss_weights: weight of each loss term: ``id_ce``, ``dt_ce``, ``contrastive``, and ``rate_nll``
+            (the rate read-out's Poisson loss, nats per true spike; used if the model has the read-out).
         lr, weight_decay, betas: AdamW settings (decay on matrices only).
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio * lr``.
     """
@@ -114,7 +116,7 @@ class PretrainTask(NeuroformerTask):
         self.save_hyperparameters(ignore=["model", "spec"])
         # Token-weighted means, so an epoch's id_ce is the mean over tokens, not over batches.
         self.metrics = torch.nn.ModuleDict(
-            {f"{s}_{k}": MeanMetric() for s in SPLITS for k in ("id_ce", "dt_ce", "id_acc")}
+            {f"{s}_{k}": MeanMetric() for s in SPLITS for k in ("id_ce", "dt_ce", "id_acc", "rate_nll")}
         )
 
     def forward(self, batch: Batch):
@@ -123,7 +125,7 @@ class PretrainTask(NeuroformerTask):
     def step(self, batch: Batch, split: str) -> torch.Tensor:
         want_contrastive = self.loss_weights.get("contrastive", 0) > 0
         out = self.model(batch.inputs, contrastive=want_contrastive)
-        losses = self.model.losses(out, batch.target_ids, batch.target_dts)
+        losses = self.model.losses(out, batch.target_ids, batch.target_dts, batch.counts)
         loss = sum(self.loss_weights.get(k, 0.0) * v for k, v in losses.items())
         real = batch.target_ids != PAD
         n = real.sum()
@@ -136,6 +138,10 @@ class PretrainTask(NeuroformerTask):
         if "contrastive" in losses:
             self.log(f"{split}/contrastive", losses["contrastive"].detach(), on_epoch=True, batch_size=bs,
                      sync_dist=True)
+        if "rate_nll" in losses:
+            metric = self.metrics[f"{split}_rate_nll"]
+            metric.update(losses["rate_nll"].detach(), weight=batch.counts.sum())
+            self.log(f"{split}/rate_nll", metric, on_step=False, on_epoch=True, batch_size=bs)
         self.log_loss(split, loss, bs)
         return loss
 
