@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
-import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from neuroformer.data.dataset import InputSpec, WindowDataset, already_batched
+from neuroformer.data.base import SplitDataModule
+from neuroformer.data.dataset import InputSpec, WindowDataset
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import SimulationConfig, simulate_recording
@@ -29,12 +27,6 @@ AUTO = "auto"
 AUTO_FRAMES = 4  # frames per window (200 ms at 20 Hz) under data.n_frames=auto
 
 
-def simulated_path(cache_dir: str | Path, config: SimulationConfig) -> Path:
-    """Cache file of a simulated recording: one file per distinct simulation config."""
-    key = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cache_dir) / f"simulated_seed{config.seed}_{key}.nwb"
-
-
 def few_shot_windows(t0: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """(round(fraction * n),) start times: a seeded random subset of ``t0`` (n,), in time order.
 
@@ -46,7 +38,7 @@ def few_shot_windows(t0: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(t0, size=n, replace=False))
 
 
-class NWBDataModule(L.LightningDataModule):
+class NWBDataModule(SplitDataModule):
     """Windows of one or more NWB recordings, split into contiguous time blocks.
 
     Args:
@@ -125,16 +117,8 @@ class NWBDataModule(L.LightningDataModule):
         self.datasets: dict[str, WindowDataset] = {}
         self.spec: InputSpec | None = None
 
-    @property
-    def files(self) -> list[Path]:
-        return self.paths or [simulated_path(self.cache_dir, self.simulation)]
-
-    def prepare_data(self) -> None:
-        if not self.paths:
-            path = self.files[0]
-            if not path.exists():
-                log.info("Simulating the default recording into %s (first use; cached after)", path)
-                simulate_recording(path, self.simulation)
+    def simulate(self, path: Path) -> None:
+        simulate_recording(path, self.simulation)
 
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
@@ -232,17 +216,5 @@ class NWBDataModule(L.LightningDataModule):
             spec.behavior_std += (np.nanstd(values, axis=0) + 1e-6).tolist()
         return spec
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle, collate_fn=already_batched,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def dataset(self, split: str) -> Dataset:
+        return self.datasets[split]

@@ -21,13 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from neuroformer.data.datamodule import simulated_path
-from neuroformer.data.dataset import already_batched
+from neuroformer.data.base import SplitDataModule
 from neuroformer.data.recording import Recording
 from neuroformer.data.simulate import SimulationConfig, simulate_recording
 from neuroformer.data.source import DataSource
@@ -196,7 +194,7 @@ def response_data(rec: Recording, spec: ResponseSpec) -> Responses:
     return Responses(frames.astype(np.float32), counts, times, split, spec.n_frames)
 
 
-class ResponseDataModule(L.LightningDataModule):
+class ResponseDataModule(SplitDataModule):
     """Stimulus clips and spike counts of one NWB recording (see the module docstring).
 
     Args:
@@ -222,7 +220,7 @@ class ResponseDataModule(L.LightningDataModule):
             raise ConfigError(f"data.n_frames must be >= 1; got {n_frames}")
         if not response_window > 0:
             raise ConfigError(f"data.response_window must be > 0 seconds; got {response_window}")
-        self.path = Path(paths[0]) if paths else None
+        self.paths = [Path(p) for p in paths]
         self.simulation = SimulationConfig(**(simulate or {}))
         self.cache_dir = Path(cache_dir)
         self.n_frames, self.response_window = n_frames, response_window
@@ -233,15 +231,8 @@ class ResponseDataModule(L.LightningDataModule):
         self.data: Responses | None = None
         self.spec: ResponseSpec | None = None
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.path or simulated_path(self.cache_dir, self.simulation)]
-
-    def prepare_data(self) -> None:
-        path = self.files[0]
-        if self.path is None and not path.exists():
-            log.info("Simulating the recording into %s (first use; cached after)", path)
-            simulate_recording(path, self.simulation)
+    def simulate(self, path: Path) -> None:
+        simulate_recording(path, self.simulation)
 
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
@@ -277,16 +268,5 @@ class ResponseDataModule(L.LightningDataModule):
         log.info("Samples: %s; %d units, clips of %d frames", ", ".join(
             f"{s} {len(self.data.index[s])}" for s in SPLITS), self.spec.n_units, self.n_frames)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(ResponseDataset(self.data, split), batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=already_batched, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def dataset(self, split: str) -> Dataset:
+        return ResponseDataset(self.data, split)

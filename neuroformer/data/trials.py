@@ -26,13 +26,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from neuroformer.data.datamodule import simulated_path
-from neuroformer.data.dataset import already_batched
+from neuroformer.data.base import SplitDataModule
 from neuroformer.data.recording import Recording
 from neuroformer.data.simulate_reaching import ReachingConfig, simulate_reaching
 from neuroformer.data.source import DataSource
@@ -312,7 +310,7 @@ def split_trials(condition: np.ndarray, test: np.ndarray, val_fraction: float, s
 # --------------------------------------------------------------------------- the data module
 
 
-class TrialDataModule(L.LightningDataModule):
+class TrialDataModule(SplitDataModule):
     """Trials of one NWB recording, split by condition and trial (see the module docstring).
 
     Args:
@@ -362,7 +360,7 @@ class TrialDataModule(L.LightningDataModule):
             raise ValueError(f"record_fraction must be in [0, 1]; got {record_fraction}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
-        self.path = Path(paths[0]) if paths else None
+        self.paths = [Path(p) for p in paths]
         self.simulation = ReachingConfig(**(simulate or {}))
         self.cache_dir = Path(cache_dir)
         self.layout = dict(align_to=align_to, window=tuple(window), bin_size=bin_size, condition=condition,
@@ -377,15 +375,8 @@ class TrialDataModule(L.LightningDataModule):
         self.data: dict[str, TrialData] = {}
         self.spec: TrialSpec | None = None
 
-    @property
-    def files(self) -> list[Path]:
-        return [self.path or simulated_path(self.cache_dir, self.simulation)]
-
-    def prepare_data(self) -> None:
-        path = self.files[0]
-        if self.path is None and not path.exists():
-            log.info("Simulating the reaching session into %s (first use; cached after)", path)
-            simulate_reaching(path, self.simulation)
+    def simulate(self, path: Path) -> None:
+        simulate_reaching(path, self.simulation)
 
     def setup(self, stage: str | None = None) -> None:
         if self.spec is not None:
@@ -422,16 +413,5 @@ class TrialDataModule(L.LightningDataModule):
         log.info("Trials: %s; %d recorded units of %d", ", ".join(f"{s} {len(d.trial)}" for s, d in self.data.items()),
                  self.spec.n_recorded, rec.units.n_units)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(TrialDataset(self.data[split]), batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=already_batched, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+    def dataset(self, split: str) -> Dataset:
+        return TrialDataset(self.data[split])

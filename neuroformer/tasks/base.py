@@ -105,6 +105,13 @@ class Task(L.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, total, min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_optimizers(self) -> dict:
+        """AdamW over every parameter under warm-up + cosine, from the hyperparameters ``lr``,
+        ``weight_decay``, ``warmup_steps`` and ``min_lr_ratio``; families that need more override it."""
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return self.scheduled(optimizer, hp.warmup_steps, hp.min_lr_ratio)
+
     # ------------------------------------------------------------------ what train() asks after testing
 
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:

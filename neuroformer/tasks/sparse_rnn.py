@@ -336,11 +336,6 @@ class SparseRNNTask(Task):
         self.log_loss(split, loss, size)
         return loss
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return self.scheduled(optimizer, hp.warmup_steps, hp.min_lr_ratio)
-
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
         """Test losses plus output R^2 on the held-out conditions, its baseline and its ceiling.
 

@@ -150,11 +150,6 @@ class TwinTask(Task):
         self.log_loss(split, loss, size)
         return loss
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return self.scheduled(optimizer, hp.warmup_steps, hp.min_lr_ratio)
-
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
         """Test metrics plus bits per spike and correlation of the twin, the mean-rate predictor and the oracle."""
         scores = held_out_scores(self.model.eval(), datamodule.data, datamodule.recordings[0], self.spec)
