@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from neuroformer.cli import option
 from neuroformer.errors import ConfigError
+from neuroformer.inference.smoothing import gaussian_smooth
 
 log = logging.getLogger(__name__)
 
@@ -187,21 +188,6 @@ def profiles(responses: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- stimuli
 
 
-def _gaussian(x: torch.Tensor, sigma: float, dims: tuple[int, ...]) -> torch.Tensor:
-    """``x`` (K, T, H, W) smoothed by a Gaussian of ``sigma`` along each of ``dims`` (edges replicated)."""
-    if sigma <= 0:
-        return x
-    half = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).view(1, 1, -1)
-    for d in dims:
-        moved = x.movedim(d, -1)
-        flat = F.pad(moved.reshape(-1, 1, moved.shape[-1]), (half, half), mode="replicate")
-        x = F.conv1d(flat, kernel).reshape(moved.shape).movedim(-1, d)
-    return x
-
-
 @dataclass(frozen=True)
 class Constraint:
     """What a stimulus may be: smoothed, clipped to ``bounds``, inside an L2 ball of radius ``norm``."""
@@ -213,7 +199,7 @@ class Constraint:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(K, T, H, W) free parameters -> (K, T, H, W) allowed stimuli (differentiable)."""
-        x = _gaussian(_gaussian(x, self.smooth_space, (2, 3)), self.smooth_time, (1,))
+        x = gaussian_smooth(gaussian_smooth(x, self.smooth_space, (2, 3)), self.smooth_time, (1,))
         if self.bounds is not None:
             x = x.clamp(*self.bounds)
         norms = x.flatten(1).norm(dim=1).clamp_min(1e-12)

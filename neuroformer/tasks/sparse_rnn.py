@@ -20,7 +20,6 @@ beside an untrained random RNN of the same architecture (the floor). docs/sparse
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from neuroformer.data.recording import Recording
 from neuroformer.data.simulate_reaching import load_reaching_truth
 from neuroformer.data.trials import TrialBatch, TrialData, TrialSpec, trial_data
 from neuroformer.errors import RecordingError
+from neuroformer.inference.smoothing import gaussian_smooth
 from neuroformer.metrics.behavior import behavior_scores
 from neuroformer.metrics.dynamics import cca_similarity, linear_cka, principal_components, ridge_r2
 from neuroformer.models.rnn import RateRNN, RNNConfig, RNNOutput
@@ -48,15 +48,7 @@ from neuroformer.tasks.base import Task
 
 def smooth(counts: torch.Tensor, sigma_bins: float) -> torch.Tensor:
     """(B, T, K) counts smoothed along time by a Gaussian of ``sigma_bins`` bins (edges replicated)."""
-    if sigma_bins <= 0:
-        return counts
-    half = max(1, math.ceil(3 * sigma_bins))
-    x = torch.arange(-half, half + 1, dtype=counts.dtype, device=counts.device)
-    kernel = torch.exp(-0.5 * (x / sigma_bins) ** 2)
-    kernel = (kernel / kernel.sum()).view(1, 1, -1)
-    b, t, k = counts.shape
-    series = F.pad(counts.permute(0, 2, 1).reshape(b * k, 1, t), (half, half), mode="replicate")
-    return F.conv1d(series, kernel).reshape(b, k, t).permute(0, 2, 1)
+    return gaussian_smooth(counts, sigma_bins, (1,))
 
 
 def poisson_loss(log_rates: torch.Tensor, counts: torch.Tensor, mean_count: torch.Tensor,
