@@ -1,12 +1,16 @@
 """Model: causality, PAD masking, contrastive loss, parameter groups."""
 
+import pytest
 import torch
 
 from neuroformer.data.dataset import Batch
 from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
+from neuroformer.errors import ConfigError
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 
 T, P, V, DT = 12, 20, 10 + N_SPECIAL, 13
+# The two context designs: the decoder attends to every context token, or to latents that read them.
+DESIGNS = pytest.mark.parametrize("design", [{}, {"n_latents": 4, "n_latent_layer": 1}], ids=["tokens", "latents"])
 
 
 def make_model(**kw) -> Neuroformer:
@@ -36,8 +40,9 @@ def make_batch(b=3, n_cur=7, n_past=11, seed=0) -> Batch:
                  torch.randn(b, 4, 1, generator=g), torch.zeros(b, dtype=torch.float64), torch.zeros(b, dtype=torch.long))
 
 
-def test_changing_a_future_token_never_changes_earlier_predictions():
-    model, batch = make_model(), make_batch()
+@DESIGNS
+def test_changing_a_future_token_never_changes_earlier_predictions(design):
+    model, batch = make_model(**design), make_batch()
     out = model(batch.inputs)
     for k in range(1, 6):
         ids = batch.ids.clone()
@@ -50,8 +55,9 @@ def test_changing_a_future_token_never_changes_earlier_predictions():
         assert not torch.allclose(changed.id_logits[:, k], out.id_logits[:, k])  # the change is seen
 
 
-def test_padding_never_changes_outputs():
-    model, batch = make_model(), make_batch(n_cur=5, n_past=9)
+@DESIGNS
+def test_padding_never_changes_outputs(design):
+    model, batch = make_model(**design), make_batch(n_cur=5, n_past=9)
     out = model(batch.inputs)
     # Garbage in PAD slots' dt tokens and a different amount of padding change nothing real.
     noisy_past_dts = torch.where(batch.past_ids == PAD, torch.randint_like(batch.past_dts, N_SPECIAL, DT), batch.past_dts)
@@ -66,11 +72,22 @@ def test_padding_never_changes_outputs():
     assert not torch.allclose(model(batch.inputs._replace(past_ids=past)).id_logits[:, :5], out.id_logits[:, :5])
 
 
-def test_every_modality_reaches_the_prediction():
-    model, batch = make_model(), make_batch()
+@DESIGNS
+def test_every_modality_reaches_the_prediction(design):
+    model, batch = make_model(**design), make_batch()
     out = model(batch.inputs).id_logits
     assert not torch.allclose(model(batch.inputs._replace(frames=batch.frames + 1)).id_logits, out)
     assert not torch.allclose(model(batch.inputs._replace(behavior=batch.behavior + 1)).id_logits, out)
+
+
+def test_latents_replace_the_context_tokens_as_the_decoders_memory():
+    model, batch = make_model(n_latents=4, n_latent_layer=1), make_batch()
+    memory, keep, parts = model.encode_context(batch.inputs)
+    assert memory.shape == (3, 4, 32) and keep.all()
+    assert sum(p.shape[1] for p in parts.values()) == P + 8 + 4  # past, 2 x 2 x 2 patches, behaviour
+    assert model.start_decoding(batch.inputs).cross_kv[0][0].shape == (3, 4, 4, 8)  # (B, h, latents, C/h)
+    with pytest.raises(ConfigError, match="perturbation"):
+        model.forward_with_attention(batch.inputs)
 
 
 def test_losses_and_contrastive_gradients():

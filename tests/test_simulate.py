@@ -20,7 +20,10 @@ from neuroformer.data.simulate import (
     simulate,
     write_nwb,
 )
+from neuroformer.data.datamodule import NWBDataModule
+from neuroformer.data.tokenizer import SpikeTokenizer
 from neuroformer.errors import RecordingError
+from neuroformer.models.neuroformer import Neuroformer
 
 REAL_NWB = Path(__file__).parent / "data" / "alm_guo2017_anm00239123.nwb"
 
@@ -151,6 +154,27 @@ def test_on_and_off_units_respond_oppositely_to_luminance(sim: Simulation) -> No
 
 
 def test_spike_triggered_average_recovers_receptive_field(sim: Simulation) -> None:
+    _assert_sta_recovers_receptive_fields(sim)
+
+
+def test_non_square_frames_reach_the_model_and_drive_the_units(tmp_path: Path,
+                                                              small_sim_config: SimulationConfig) -> None:
+    # The reference Neuroformer's stimulus is 30 x 100 pixels: frames need not be square.
+    config = dataclasses.replace(small_sim_config, frame_size=16, frame_width=40)
+    sim = simulate(config)
+    assert sim.frames.shape[1:] == sim.ground_truth.receptive_fields.shape[1:] == (16, 40)
+    _assert_sta_recovers_receptive_fields(sim)
+    path = write_nwb(sim, tmp_path / "wide.nwb")
+    datamodule = NWBDataModule(paths=[str(path)], tokenizer=SpikeTokenizer(), n_frames=2, cache_dir=str(tmp_path))
+    datamodule.setup()
+    assert datamodule.spec.frame_shape == (16, 40)
+    model = Neuroformer.build(datamodule.spec, n_embd=16, n_head=2, n_layer=1, patch=(1, 8, 8))
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch.frames.shape[2:] == (16, 40) and model.frames.pos.shape[0] == 2 * 2 * 5
+    assert model(batch.inputs).id_logits.isfinite().all()
+
+
+def _assert_sta_recovers_receptive_fields(sim: Simulation) -> None:
     gt, counts = sim.ground_truth, _frame_counts(sim)
     x = sim.frames.reshape(len(sim.frames), -1).astype(float)
     x -= x.mean(axis=0)

@@ -74,7 +74,8 @@ class SimulationConfig:
     n_units: int = option(120, "number of units")
     duration: float = option(600.0, "session length, s")
     frame_rate: float = option(20.0, "stimulus frame rate, Hz")
-    frame_size: int = option(32, "stimulus frames are frame_size x frame_size pixels")
+    frame_size: int = option(32, "stimulus frame height, pixels (and width unless frame_width is set)")
+    frame_width: int = option(0, "stimulus frame width, pixels; 0: square frames of frame_size")
     dt: float = option(0.001, "simulation bin, s (at most one spike per unit per bin)")
     mean_rate: float = option(6.5, "mean of the per-unit target rates before coupling, Hz")
     max_rate: float = option(200.0, "firing-rate ceiling, Hz")
@@ -102,12 +103,19 @@ class SimulationConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"simulation {name} must be > 0, got {getattr(self, name)}")
+        if self.frame_width < 0:
+            raise ConfigError(f"simulation frame_width must be >= 0 (0: square frames), got {self.frame_width}")
         if self.frac_on + self.frac_off + self.frac_ds > 1 + 1e-9:
             raise ConfigError("simulation frac_on + frac_off + frac_ds must be at most 1")
         if self.block_max < self.block_min:
             raise ConfigError("simulation block_max must be >= block_min")
         if self.dt * self.max_rate >= 1 or self.dt > 0.5 / self.frame_rate:
             raise ConfigError("simulation dt is too coarse for max_rate or frame_rate (need dt * max_rate < 1, dt <= 0.5 / frame_rate)")
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of a stimulus frame, pixels."""
+        return self.frame_size, self.frame_width or self.frame_size
         if self.n_clips < 1:
             raise ConfigError("simulation n_clips must be >= 1")
         if self.population not in POPULATIONS:
@@ -209,23 +217,24 @@ def _gamma_bump(t: np.ndarray, peak: float | np.ndarray) -> np.ndarray:
     return x**3 * np.exp(3.0 * (1.0 - x))
 
 
-def _natural_movie(rng: np.random.Generator, n: int, size: int, frame_rate: float) -> np.ndarray:
-    """(n, size, size) float grey-level offsets: 1/f spatial noise, AR(1)-smooth in time."""
+def _natural_movie(rng: np.random.Generator, n: int, shape: tuple[int, int], frame_rate: float) -> np.ndarray:
+    """(n, H, W) float grey-level offsets: 1/f spatial noise, AR(1)-smooth in time."""
     a = math.exp(-1.0 / (frame_rate * 0.2))  # 200 ms correlation time
-    white = rng.standard_normal((n, size, size))
-    start = rng.standard_normal((1, size, size))  # stationary start
+    white = rng.standard_normal((n, *shape))
+    start = rng.standard_normal((1, *shape))  # stationary start
     smooth = lfilter([math.sqrt(1 - a * a)], [1.0, -a], white, axis=0, zi=a * start)[0]
-    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij"))
+    size = max(shape)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1]), indexing="ij"))
     amp = 1.0 / np.maximum(f, 1.0 / size)
     amp[0, 0] = 3.0 * size  # strong full-field luminance changes drive ON/OFF cells apart
     movie = np.fft.ifft2(np.fft.fft2(smooth) * amp).real
     return movie * (55.0 / np.sqrt(np.mean(amp**2)))  # 55 grey levels rms contrast
 
 
-def _grating(n: int, size: int, frame_rate: float, direction: float, sf: float, tf: float,
+def _grating(n: int, shape: tuple[int, int], frame_rate: float, direction: float, sf: float, tf: float,
              phase: float) -> np.ndarray:
-    """(n, size, size) grey-level offsets of a sinusoid drifting towards ``direction``."""
-    rows, cols = np.mgrid[0:size, 0:size].astype(float)
+    """(n, H, W) grey-level offsets of a sinusoid drifting towards ``direction``."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
     theta = np.deg2rad(direction)
     proj = cols * np.cos(theta) - rows * np.sin(theta)  # row 0 is the top: y = -row
     t = np.arange(n)[:, None, None] / frame_rate
@@ -237,13 +246,13 @@ def _make_stimulus(rng: np.random.Generator, cfg: SimulationConfig, n_frames: in
     """The movie and its trials: one trial per grating/noise block or clip presentation.
 
     Returns:
-        frames: (n_frames, S, S) uint8.
+        frames: (n_frames, H, W) uint8.
         trials: column -> (n_trials,) array (see :class:`Simulation`).
     """
-    size, fr = cfg.frame_size, cfg.frame_rate
+    shape, fr = cfg.frame_shape, cfg.frame_rate
     clip_len = max(1, round(cfg.clip_duration * fr))
-    clips = [_natural_movie(rng, clip_len, size, fr) for _ in range(cfg.n_clips)]
-    frames = np.empty((n_frames, size, size), np.uint8)
+    clips = [_natural_movie(rng, clip_len, shape, fr) for _ in range(cfg.n_clips)]
+    frames = np.empty((n_frames, *shape), np.uint8)
     rows: list[tuple[int, int, str, int, float, float, float]] = []
     pos, grating_next = 0, True
     while pos < n_frames:
@@ -254,12 +263,12 @@ def _make_stimulus(rng: np.random.Generator, cfg: SimulationConfig, n_frames: in
             n = max(1, round(rng.uniform(cfg.block_min, cfg.block_max) * fr))
             if grating_next:
                 direction = float(rng.choice(GRATING_DIRECTIONS))
-                sf = float(rng.choice([0.04, 0.08])) * 32 / size  # 1.3 or 2.6 cycles/frame
+                sf = float(rng.choice([0.04, 0.08])) * 32 / shape[1]  # 1.3 or 2.6 cycles per frame width
                 tf = float(rng.choice([1.0, 2.0]))
-                movie = _grating(n, size, fr, direction, sf, tf, rng.uniform(0, 2 * np.pi))
+                movie = _grating(n, shape, fr, direction, sf, tf, rng.uniform(0, 2 * np.pi))
                 row = ("grating", -1, direction, sf, tf)
             else:
-                movie, row = _natural_movie(rng, n, size, fr), ("noise", -1, np.nan, np.nan, np.nan)
+                movie, row = _natural_movie(rng, n, shape, fr), ("noise", -1, np.nan, np.nan, np.nan)
             grating_next = not grating_next
         stop = min(pos + len(movie), n_frames)
         frames[pos:stop] = np.clip(np.rint(128.0 + movie[: stop - pos]), 0, 255)
@@ -318,7 +327,7 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
     baselines so the mean rate matches a per-unit target, both on a reference stimulus and
     speed trace drawn from ``calib_rng`` (so the population does not depend on duration).
     """
-    n, size, fr = cfg.n_units, cfg.frame_size, cfg.frame_rate
+    n, (height, width), fr = cfg.n_units, cfg.frame_shape, cfg.frame_rate
     if cfg.population == "rich":
         tuned = RICH_TYPES[:-1]
         n_tuned = min(n, round((cfg.frac_on + cfg.frac_off + cfg.frac_ds) * n))
@@ -333,12 +342,12 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
     # Temporal kernels over the last K frames (about 300 ms).
     n_lags = max(2, math.ceil(0.3 * fr))
     t = (np.arange(n_lags) + 0.5) / fr
-    scale = size / 32.0  # spatial parameters are given for a 32-pixel frame
-    rows, cols = np.mgrid[0:size, 0:size].astype(float)
-    filters = np.zeros((n_lags, size * size, n), np.float32)
+    scale = min(height, width) / 32.0  # spatial parameters are given for a 32-pixel frame
+    rows, cols = np.mgrid[0:height, 0:width].astype(float)
+    filters = np.zeros((n_lags, height * width, n), np.float32)
     preferred = np.full(n, np.nan)
     for i, kind in enumerate(types):
-        cy, cx = rng.uniform(2 * scale, size - 1 - 2 * scale, 2)
+        cy, cx = rng.uniform(2 * scale, np.array([height, width]) - 1 - 2 * scale, 2)
         y, x = -(rows - cy), cols - cx
         r2 = x**2 + y**2
         if kind in ("ON", "OFF"):
@@ -408,7 +417,7 @@ def _make_population(rng: np.random.Generator, calib_rng: np.random.Generator,
         connectivity=connectivity,
         cell_types=types,
         is_excitatory=is_exc,
-        receptive_fields=filters[peak, :, np.arange(n)].reshape(n, size, size),
+        receptive_fields=filters[peak, :, np.arange(n)].reshape(n, height, width),
         preferred_direction=preferred,
         speed_gain=speed_gain,
         baseline_rate=np.exp(log_baseline),
@@ -604,7 +613,7 @@ def _to_nwbfile(sim: Simulation) -> NWBFile:
                                "90 = upward on screen); NaN if not direction selective",
         "speed_gain": f"change of log firing rate per {SPEED_REF:g} cm/s of running speed",
         "baseline_rate": "firing rate without stimulus drive, running or synaptic input, Hz",
-        "receptive_field": "spatial filter (frame_size x frame_size) at the peak lag of the "
+        "receptive_field": "spatial filter (height x width of a frame) at the peak lag of the "
                            "temporal kernel, log-rate per unit contrast ((pixel-128)/128)",
         "location": "brain area of the unit",
     }
@@ -628,7 +637,7 @@ def _to_nwbfile(sim: Simulation) -> NWBFile:
         name="movie",
         description="Grey-scale movie: drifting gratings, natural-like 1/f noise and "
                     "repeated clips (see trials); mean grey 128.",
-        data=H5DataIO(sim.frames, chunks=(chunk_frames, cfg.frame_size, cfg.frame_size),
+        data=H5DataIO(sim.frames, chunks=(chunk_frames, *cfg.frame_shape),
                       compression="gzip", compression_opts=4),
         unit="grey level (0-255)",
         format="raw",

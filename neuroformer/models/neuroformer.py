@@ -11,7 +11,12 @@ tokens, and every block cross-attends to a context made of
 - stimulus frames, cut into 3D (time x height x width) patches with learned positions,
 - behaviour samples,
 
-each encoded separately and concatenated, with PAD keys masked everywhere. Two heads read
+each encoded separately and concatenated, with PAD keys masked everywhere. With ``n_latents > 0``
+the concatenated context is first read into a few learned latent vectors (one cross-attention,
+then self-attention blocks among the latents, as in PerceiverIO and POYO), and the decoder
+cross-attends to those latents instead: the per-layer cost of cross-attention no longer grows
+with the hundreds of context tokens, and the parameters spent on the context run on a few
+latents instead of every token (docs/performance.md). Two heads read
 the next unit ID and the next dt. An optional Poisson rate read-out (``rate_bins > 0``) reads
 the expected count of every unit in every dt bin of the current window from the SOS position,
 which sees the context only: a forecast of the whole window in one pass, trained with the
@@ -68,6 +73,8 @@ class NeuroformerConfig:
     contrastive_dim: int = 64
     rate_bins: int = 0
     rate_skip: int = 0
+    n_latents: int = 0
+    n_latent_layer: int = 2
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -234,7 +241,8 @@ class EncoderBlock(nn.Module):
         self.ln1, self.attn = nn.LayerNorm(cfg.n_embd), Attention(cfg)
         self.ln2, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, C); mask: (B, 1, 1, N) bool (False for PAD), or None when no token is PAD."""
         x = x + self.attn(self.ln1(x), None, mask)
         return x + self.mlp(self.ln2(x))
 
@@ -300,6 +308,31 @@ class ContextEncoder(nn.Module):
         return self.ln(x)
 
 
+class LatentReader(nn.Module):
+    """Context tokens (B, N, C) -> M learned latents (B, M, C) that summarise them (PerceiverIO).
+
+    One cross-attention from the latents to every context token (cost linear in N, once per
+    window), an MLP, then ``n_latent_layer`` self-attention blocks among the latents only.
+    """
+
+    def __init__(self, cfg: NeuroformerConfig):
+        super().__init__()
+        self.latents = nn.Parameter(0.02 * torch.randn(cfg.n_latents, cfg.n_embd))
+        self.ln_query, self.ln_context, self.read = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd), Attention(cfg)
+        self.ln_mlp, self.mlp = nn.LayerNorm(cfg.n_embd), MLP(cfg)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_latent_layer))
+        self.ln = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, context: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """context: (B, N, C); keep: (B, N) bool, False for PAD -> latents (B, M, C)."""
+        x = self.latents.expand(len(context), -1, -1)
+        x = x + self.read(self.ln_query(x), self.ln_context(context), keep[:, None, None, :])
+        x = x + self.mlp(self.ln_mlp(x))
+        for block in self.blocks:
+            x = block(x, None)
+        return self.ln(x)
+
+
 class FrameEncoder(nn.Module):
     """Frames (B, F, H, W) -> patch tokens (B, N, C): 3D patch embedding + learned positions."""
 
@@ -354,6 +387,7 @@ class Neuroformer(nn.Module):
         self.past_encoder = ContextEncoder(cfg)
         self.frames = FrameEncoder(cfg) if cfg.n_frames else None
         self.behavior = BehaviorEncoder(cfg) if cfg.n_behavior else None
+        self.latent_reader = LatentReader(cfg) if cfg.n_latents else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.id_head = nn.Linear(cfg.n_embd, cfg.id_vocab_size, bias=False)
@@ -408,7 +442,9 @@ class Neuroformer(nn.Module):
         """The cross-attention memory of a batch.
 
         Returns:
-            context (B, N, C), keep (B, N) bool, and each modality's encoding by name.
+            memory (B, N, C): the context tokens (past, stimulus, behaviour), or with ``n_latents``
+            the M latents that read them; keep (B, N) bool (False for PAD); and each modality's
+            encoding by name.
         """
         keep_past = x.past_ids != PAD
         parts = {"past": self.past_encoder(self.embed(x.past_ids, x.past_dts, self.past_pos), keep_past)}
@@ -419,7 +455,11 @@ class Neuroformer(nn.Module):
         if self.behavior is not None:
             parts["behavior"], keep_behavior = self.behavior(x.behavior)
             keeps.append(keep_behavior)
-        return torch.cat(list(parts.values()), dim=1), torch.cat(keeps, dim=1), parts
+        context, keep = torch.cat(list(parts.values()), dim=1), torch.cat(keeps, dim=1)
+        if self.latent_reader is not None:
+            context = self.latent_reader(context, keep)
+            keep = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        return context, keep, parts
 
     def features(self, x: NeuroformerInput, need_weights: bool = False) -> Features:
         """The final hidden states of every current position (after ``ln_f``), before the heads.
@@ -499,6 +539,9 @@ class Neuroformer(nn.Module):
             the P past-window tokens first, then stimulus patches, then behaviour samples. The
             tensors are part of the autograd graph (for attention x gradient).
         """
+        if self.latent_reader is not None:
+            raise ConfigError("attention read-outs need a decoder that attends to the context tokens; this "
+                              "model attends to latents (model.n_latents > 0): use connectivity_method=perturbation")
         f = self.features(x, need_weights=True)
         return self.heads(f.hidden, x), f.attention
 
