@@ -64,7 +64,8 @@ def main() -> None:
         run_dir = args.out / name
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "train.py", *shlex.split(args.common), *shlex.split(overrides),
-               f"hydra.run.dir={run_dir}", f"paths.output_root={args.out / 'outputs'}"]
+               f"hydra.run.dir={run_dir}", f"paths.output_root={run_dir / 'outputs'}",  # its own MLflow store
+               f"paths.data_dir={ROOT / 'outputs' / 'data'}"]  # the recording, simulated once and shared
         print("$", shlex.join(cmd), flush=True)
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(run_dir / "stdout.log", "w"),
                                        stderr=subprocess.STDOUT)

@@ -7,12 +7,14 @@ was 198 GFLOP/s (issue 16) is the yardstick: since absolute speeds differ betwee
 bench compares fractions of the matmul peak measured in the same run.
 
 For each size (full: width 256, 8 heads, 25.1M parameters; small: width 128, 4 heads, 2.65M)
-it builds two designs at about the reference's parameter count:
+it builds three designs at about the reference's parameter count:
 
 - ``tokens``: every decoder block cross-attends to all ~830 context tokens, which a one-layer
   encoder per modality encodes first (the original design);
 - ``latents``: the context is read once into 32 latents (PerceiverIO), most parameters sit in
-  self-attention blocks over those latents, and a few decoder blocks cross-attend to them.
+  self-attention blocks over those latents, and a few decoder blocks cross-attend to them;
+- ``latents+past``: the same, and the decoder also attends to every past token through one
+  key/value projection shared by all its blocks (``past_direct``).
 
 and prints, per design: parameters, FLOPs per training step (forward + backward, counted by
 torch's FlopCounterMode on a real step; CPU fused attention kernels are not counted, so the
@@ -49,10 +51,14 @@ DESIGNS = {  # size -> design -> model hyperparameters at about the reference's 
     "full": {
         "tokens": dict(n_embd=256, n_head=8, n_layer=20),
         "latents": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23),
+        "latents+past": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23,
+                             past_direct=True),
     },
     "small": {
         "tokens": dict(n_embd=128, n_head=4, n_layer=5),
         "latents": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6),
+        "latents+past": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6,
+                             past_direct=True),
     },
 }
 
@@ -141,7 +147,7 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; reference machine {REFERENCE_PEAK / 1e9:.0f}; "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    header = (f"{'size':<6} {'design':<8} {'params':>7} {'GFLOP/step':>10} {'windows/s':>9} {'GFLOP/s':>8} "
+    header = (f"{'size':<6} {'design':<12} {'params':>7} {'GFLOP/step':>10} {'windows/s':>9} {'GFLOP/s':>8} "
               f"{'of peak':>7} {'vs reference':>12} {'peak memory':>11}")
     for size in args.sizes:
         ref_rate, ref_params = REFERENCE[size]
@@ -162,7 +168,7 @@ def main() -> None:
             achieved = flops[name] / step_s
             params = sum(p.numel() for p in t.model.parameters())
             speedup = (rate / peak) / (ref_rate / REFERENCE_PEAK)
-            print(f"{size:<6} {name:<8} {params / 1e6:>6.2f}M {flops[name] / 1e9:>10.1f} {rate:>9.1f} "
+            print(f"{size:<6} {name:<12} {params / 1e6:>6.2f}M {flops[name] / 1e9:>10.1f} {rate:>9.1f} "
                   f"{achieved / 1e9:>8.1f} {achieved / peak:>7.1%} {speedup:>11.2f}x {memory[name] / 2**20:>9.0f} MiB")
     print(f"\npeak re-measured at the end: {matmul_peak() / 1e9:.0f} GFLOP/s")
 

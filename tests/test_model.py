@@ -10,7 +10,9 @@ from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 
 T, P, V, DT = 12, 20, 10 + N_SPECIAL, 13
 # The two context designs: the decoder attends to every context token, or to latents that read them.
-DESIGNS = pytest.mark.parametrize("design", [{}, {"n_latents": 4, "n_latent_layer": 1}], ids=["tokens", "latents"])
+DESIGNS = pytest.mark.parametrize("design", [{}, {"n_latents": 4, "n_latent_layer": 1},
+                                             {"n_latents": 4, "n_latent_layer": 1, "past_direct": True}],
+                                  ids=["tokens", "latents", "latents+past"])
 
 
 def make_model(**kw) -> Neuroformer:
@@ -88,6 +90,12 @@ def test_latents_replace_the_context_tokens_as_the_decoders_memory():
     assert model.start_decoding(batch.inputs).cross_kv[0][0].shape == (3, 4, 4, 8)  # (B, h, latents, C/h)
     with pytest.raises(ConfigError, match="perturbation"):
         model.forward_with_attention(batch.inputs)
+    # past_direct: the decoder also attends to the P past tokens, with keys shared by every block.
+    model = make_model(n_latents=4, n_latent_layer=1, past_direct=True)
+    kvs, keep, _ = model.cross_keys_values(batch.inputs)
+    assert kvs[0][0].shape == (3, 4, 4 + P, 8) and keep.shape == (3, 4 + P)
+    torch.testing.assert_close(kvs[0][0][:, :, 4:], kvs[1][0][:, :, 4:])
+    assert (keep[:, 4:] == (batch.past_ids != PAD)).all()
 
 
 def test_losses_and_contrastive_gradients():

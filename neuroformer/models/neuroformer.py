@@ -16,7 +16,10 @@ the concatenated context is first read into a few learned latent vectors (one cr
 then self-attention blocks among the latents, as in PerceiverIO and POYO), and the decoder
 cross-attends to those latents instead: the per-layer cost of cross-attention no longer grows
 with the hundreds of context tokens, and the parameters spent on the context run on a few
-latents instead of every token (docs/performance.md). Two heads read
+latents instead of every token (docs/performance.md). With ``past_direct`` the decoder also
+attends to every past-window token, through one key/value projection that all decoder blocks
+share: predicting which unit fires next needs who fired just before, which a few latents blur.
+Two heads read
 the next unit ID and the next dt. An optional Poisson rate read-out (``rate_bins > 0``) reads
 the expected count of every unit in every dt bin of the current window from the SOS position,
 which sees the context only: a forecast of the whole window in one pass, trained with the
@@ -75,6 +78,7 @@ class NeuroformerConfig:
     rate_skip: int = 0
     n_latents: int = 0
     n_latent_layer: int = 2
+    past_direct: bool = False
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -388,6 +392,8 @@ class Neuroformer(nn.Module):
         self.frames = FrameEncoder(cfg) if cfg.n_frames else None
         self.behavior = BehaviorEncoder(cfg) if cfg.n_behavior else None
         self.latent_reader = LatentReader(cfg) if cfg.n_latents else None
+        # Keys/values of the past tokens, computed once and shared by every decoder block's cross-attention.
+        self.past_kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd) if cfg.n_latents and cfg.past_direct else None
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.id_head = nn.Linear(cfg.n_embd, cfg.id_vocab_size, bias=False)
@@ -461,6 +467,25 @@ class Neuroformer(nn.Module):
             keep = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
         return context, keep, parts
 
+    def cross_keys_values(
+        self, x: NeuroformerInput
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, dict[str, torch.Tensor]]:
+        """What every decoder block cross-attends to: its keys and values of the memory.
+
+        Returns:
+            per decoder block, keys and values, each (B, h, N, C/h); keep (B, N) bool, False for
+            PAD; each modality's encoding by name. With ``past_direct`` the N keys are the M
+            latents' followed by the P past tokens' (the latter shared by all blocks).
+        """
+        memory, keep, parts = self.encode_context(x)
+        kvs = [block.cross_attn.keys_values(memory) for block in self.blocks]
+        if self.past_kv is not None:
+            heads = self.blocks[0].cross_attn._heads
+            k_past, v_past = (heads(t) for t in self.past_kv(parts["past"]).split(self.config.n_embd, dim=2))
+            kvs = [(torch.cat([k, k_past], dim=2), torch.cat([v, v_past], dim=2)) for k, v in kvs]
+            keep = torch.cat([keep, x.past_ids != PAD], dim=1)
+        return kvs, keep, parts
+
     def features(self, x: NeuroformerInput, need_weights: bool = False) -> Features:
         """The final hidden states of every current position (after ``ln_f``), before the heads.
 
@@ -468,15 +493,15 @@ class Neuroformer(nn.Module):
             x: the window's tokens and context.
             need_weights: also return every decoder block's cross-attention probabilities.
         """
-        context, keep_ctx, parts = self.encode_context(x)
+        cross_kv, keep_ctx, parts = self.cross_keys_values(x)
         ids, T = x.ids, x.ids.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
         self_mask = causal[None, None] & (ids != PAD)[:, None, None, :]  # (B, 1, T, T)
         cross_mask = keep_ctx[:, None, None, :]  # (B, 1, 1, N)
         h = self.embed(ids, x.dts, self.current_pos)
         weights = []
-        for block in self.blocks:
-            h, _, w = block(h, self_mask, block.cross_attn.keys_values(context), cross_mask, need_weights=need_weights)
+        for block, kv in zip(self.blocks, cross_kv):
+            h, _, w = block(h, self_mask, kv, cross_mask, need_weights=need_weights)
             weights.append(w)
         return Features(self.ln_f(h), weights if need_weights else [], parts)
 
@@ -551,9 +576,9 @@ class Neuroformer(nn.Module):
         Only the context fields of ``x`` are read (past tokens, frames, behaviour); feed the
         current window's tokens with ``decode_step``.
         """
-        context, keep_ctx, _ = self.encode_context(x)
+        cross_kv, keep_ctx, _ = self.cross_keys_values(x)
         return DecoderCache(
-            cross_kv=[block.cross_attn.keys_values(context) for block in self.blocks],
+            cross_kv=cross_kv,
             cross_mask=keep_ctx[:, None, None, :],
             self_kv=[None] * len(self.blocks),
             keep=torch.zeros(len(keep_ctx), 0, dtype=torch.bool, device=keep_ctx.device),
