@@ -171,6 +171,7 @@ def sample_windows(
     generator: torch.Generator | None = None,
     unit_tokens: torch.Tensor | None = None,
     use_cache: bool = True,
+    length: int | None = None,
 ) -> GeneratedWindows:
     """Sample the current window of every row of ``x`` given its context.
 
@@ -183,12 +184,16 @@ def sample_windows(
         unit_tokens: ID tokens that may be generated (e.g. one session's units); default all units.
         use_cache: incremental decoding with the KV cache; False runs a full forward pass per
             token (the reference implementation; identical samples, much slower).
+        length: if given, every window gets exactly ``length`` spikes: EOS is never drawn and
+            sampling stops after ``length`` steps (fixed-work benchmarks); at most ``block_size - 1``.
 
     Returns:
         GeneratedWindows with (B, block_size) token tensors.
     """
     cfg = model.config
     B, T = len(x.past_ids), cfg.block_size
+    if length is not None and not 0 < length < T:
+        raise ConfigError(f"sample_windows: length must be in [1, {T - 1}] (block size {T}); got {length}")
     device = x.past_ids.device
     allowed = torch.zeros(cfg.id_vocab_size, dtype=torch.bool, device=device)
     allowed[N_SPECIAL:] = True
@@ -203,10 +208,12 @@ def sample_windows(
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, x)
     steps = 0
-    for t in range(T - 1):  # position t predicts token t + 1; a full block holds T - 1 spikes
+    for t in range(T - 1 if length is None else length):  # position t predicts token t + 1; a block holds T - 1 spikes
         id_logits, dt_logits = logits_at(ids, dts, t)
         steps += 1
         dt_ok = dt_constraint(last_bin, n_bins, cfg.dt_vocab_size)
+        if length is not None:
+            dt_ok[:, EOS] = False
         new_dt = draw(dt_logits.masked_fill(~dt_ok, NEG_INF), sampling, generator)
         id_ok = id_constraint(new_dt, allowed)
         new_id = draw(id_logits.masked_fill(~id_ok, NEG_INF), sampling, generator)
