@@ -17,10 +17,10 @@ Two kinds of input:
   batch-1 tokens/s (full 16.6, small 83.5, measured on a machine whose fp32 matmul peak was
   198 GFLOP/s), scaled by this machine's measured peak.
 
-``--memory`` also measures each batch size's peak memory: a fresh process builds the model and
-contexts, then samples once; it reports the process's resident-set high-water mark
-(``ru_maxrss``) after sampling and its rise over the mark before sampling (what the batch's
-generation itself added: caches, activations, workspace).
+``--memory`` (reference shapes) also measures each batch size's peak memory: a fresh process
+builds the model and contexts, resets its resident-set high-water mark, samples once, and
+reports the mark (``VmHWM``: peak RSS, model included) and its rise over the RSS before sampling
+(what the batch's generation itself added: context encoding, caches, activations, workspace).
 
 Usage: python bench/generation.py [--model CKPT|models:/NAME@ALIAS] [--reference-shapes full|small]
        [--length N] [--batch-sizes 1 8 32 256] [--full-max-batch 8] [--memory] [--threads N]
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -85,15 +84,23 @@ def timed_generation(model, inputs, n_bins: int, use_cache: bool, repeats: int, 
     return statistics.median(times), out
 
 
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def _memory_child(size: str, batch: int, length: int, threads: int | None, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     model = reference_model(size)
     inputs = reference_inputs(model.config, batch)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    before = _status_mib("VmRSS")
     sample_windows(model, inputs, REFERENCE_BINS, SamplingConfig(), torch.Generator().manual_seed(0), length=length)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after / 1024, (after - before) / 1024))  # ru_maxrss is in KiB on Linux
+    peak = _status_mib("VmHWM")
+    queue.put((peak, peak - before))
 
 
 def peak_memory(size: str, batch: int, length: int, threads: int | None) -> tuple[float, float]:
