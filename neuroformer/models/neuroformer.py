@@ -156,7 +156,8 @@ class DecoderCache:
 
     Attributes:
         cross_kv: per decoder block, the context's cross-attention keys and values, each
-            (B, h, N, C/h); computed once per window. N omits context tokens that are PAD in every row.
+            (B, h, N, C/h); computed once per window. N omits the past block's trailing
+            columns that are PAD in every row.
         cross_mask: (B, 1, 1, N) bool, False for PAD context tokens.
         self_kv: per decoder block, (2, B, h, T, C/h) self-attention keys and values; positions
             below ``length`` hold the tokens fed so far.
@@ -550,11 +551,11 @@ class Neuroformer(nn.Module):
         Only the context fields of ``x`` are read (past tokens, frames, behaviour); feed the
         current window's tokens with ``decode_step``.
         """
-        context, keep_ctx, _ = self.encode_context(x)
-        # A context token that is PAD in every row is attended to by nothing: leave it out of the cache.
-        used = keep_ctx.any(0)
-        if not used.all():
-            context, keep_ctx = context[:, used], keep_ctx[:, used]
+        # Past columns that are PAD in every row (the tail of a block longer than any row's past)
+        # are masked everywhere: leaving them out saves their encoding and their keys/values in every block.
+        n_past = int(torch.nonzero((x.past_ids != PAD).any(0)).max()) + 1
+        context, keep_ctx, _ = self.encode_context(x._replace(past_ids=x.past_ids[:, :n_past],
+                                                              past_dts=x.past_dts[:, :n_past]))
         cfg, B, T = self.config, len(context), self.config.block_size
         shape = (2, B, cfg.n_head, T, cfg.n_embd // cfg.n_head)
         return DecoderCache(
