@@ -158,11 +158,12 @@ class DecoderCache:
         cross_kv: per decoder block, the context's cross-attention keys and values, each
             (B, h, N, C/h); computed once per window. N omits the past block's trailing
             columns that are PAD in every row.
-        cross_mask: (B, 1, 1, N) bool, False for PAD context tokens.
+        cross_mask: (B, 1, 1, N) additive attention mask: 0, or -inf for PAD context tokens.
         self_kv: per decoder block, (2, B, h, T, C/h) self-attention keys and values; positions
             below ``length`` hold the tokens fed so far.
-        keep: (B, T) bool, True where a fed token is not PAD (False beyond ``length``).
-        causal: (T, T) bool lower-triangular: which positions each position may attend to.
+        keep: (B, T) additive attention mask of the current tokens as keys: 0 where a fed token is
+            not PAD, -inf where it is PAD and beyond ``length``.
+        causal: (T, T) additive causal mask: 0 on and below the diagonal, -inf above.
         qkv: per decoder block, the self-attention's query, key and value projections as one
             (3C, C) weight and (3C,) bias (its ``q`` and ``kv`` concatenated: one matmul per step).
         length: number of current-window tokens fed so far.
@@ -308,7 +309,8 @@ class DecoderBlock(nn.Module):
             x: (B, n, C) the new tokens' residual stream.
             self_kv: (2, B, h, T, C/h) self-attention keys/values; positions below ``start`` hold the
                 earlier tokens', the new ones are written at ``start..start+n-1``.
-            self_mask: (B, 1, n, start + n) bool, which earlier and new tokens each new one may attend to.
+            self_mask: (B, 1, n, start + n) which earlier and new tokens each new one may attend to
+                (bool, or additive: 0 or -inf).
             qkv: the self-attention's fused projection (``Attention.fused_qkv``).
             cross_kv, cross_mask: as in ``forward``.
 
@@ -558,12 +560,14 @@ class Neuroformer(nn.Module):
                                                               past_dts=x.past_dts[:, :n_past]))
         cfg, B, T = self.config, len(context), self.config.block_size
         shape = (2, B, cfg.n_head, T, cfg.n_embd // cfg.n_head)
+        # Additive (0 / -inf) masks: SDPA converts a bool mask to one at every call.
+        additive = lambda keep: torch.zeros_like(keep, dtype=context.dtype).masked_fill_(~keep, float("-inf"))  # noqa: E731
         return DecoderCache(
             cross_kv=[block.cross_attn.keys_values(context) for block in self.blocks],
-            cross_mask=keep_ctx[:, None, None, :],
+            cross_mask=additive(keep_ctx[:, None, None, :]),
             self_kv=[context.new_empty(shape) for _ in self.blocks],
-            keep=torch.zeros(B, T, dtype=torch.bool, device=context.device),
-            causal=torch.ones(T, T, dtype=torch.bool, device=context.device).tril(),
+            keep=context.new_full((B, T), float("-inf")),
+            causal=additive(torch.ones(T, T, dtype=torch.bool, device=context.device).tril()),
             qkv=[block.self_attn.fused_qkv() for block in self.blocks],
         )
 
@@ -588,10 +592,10 @@ class Neuroformer(nn.Module):
         end = L + n
         if end > self.config.block_size:
             raise ValueError(f"decode_step: {L} + {n} tokens exceed the block size {self.config.block_size}")
-        cache.keep[:, L:end] = ids != PAD
+        cache.keep[:, L:end].masked_fill_(ids != PAD, 0.0)
         self_mask = cache.keep[:, None, None, :end]  # (B, 1, 1, L + n): one new token sees every earlier one
         if n > 1:
-            self_mask = self_mask & cache.causal[L:end, :end]  # (B, 1, n, L + n)
+            self_mask = self_mask + cache.causal[L:end, :end]  # (B, 1, n, L + n)
         x = self.embed(ids, dts, self.current_pos[L:])
         for block, self_kv, qkv, cross_kv in zip(self.blocks, cache.self_kv, cache.qkv, cache.cross_kv):
             x = block.decode(x, self_kv, L, self_mask, qkv, cross_kv, cache.cross_mask)
