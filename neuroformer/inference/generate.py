@@ -15,7 +15,10 @@ Each draw applies, in order,
 
 Each step costs one incremental pass: ``Neuroformer.start_decoding`` encodes the context
 (past window, stimulus, behaviour) once per window and caches its cross-attention keys and
-values, and ``decode_step`` feeds one new token against the self-attention cache.
+values, and ``decode_step`` feeds one new token, writing its self-attention keys/values into
+buffers allocated once per batch. The constraints are looked up each step in tables of additive
+masks built once per call, so a step of the loop is a handful of tensor operations around the
+model's. ``length`` forces a fixed number of spikes per window (no EOS), for benchmarks.
 ``use_cache=False`` runs the same loop with a full forward pass per token (the reference
 that the test and ``bench/generation.py`` compare against); both give identical samples.
 
