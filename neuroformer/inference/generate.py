@@ -224,8 +224,8 @@ def sample_windows(
     dts = torch.full((B, T), PAD, dtype=torch.long, device=device)
     ids[:, 0], dts[:, 0] = SOS, SOS
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    dt_noise = torch.empty(B, cfg.dt_vocab_size, dtype=dtype, device=device)
-    id_noise = torch.empty(B, cfg.id_vocab_size, dtype=dtype, device=device)
+    dt_noise = torch.empty(B, cfg.dt_vocab_size, device=device)  # default dtype, as torch.rand's
+    id_noise = torch.empty(B, cfg.id_vocab_size, device=device)
     logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, x)
     steps = 0
     for t in range(T - 1 if length is None else length):  # position t predicts token t + 1; a block holds T - 1 spikes
