@@ -1,60 +1,129 @@
 """Generation speed: the KV-cache sampler against a full forward pass per token, in one run.
 
 Both run the same sampling loop (``neuroformer.inference.generate.sample_windows``) on the same
-test windows of the default recording with the same seed; the bench checks that they draw
-identical tokens and prints generated tokens/s (spikes + EOS) of each and their ratio, and the
-mean generated spikes per window next to the true count of those windows.
+windows with the same seed; the bench checks that they draw identical tokens and prints
+generated tokens/s (spikes + EOS) of each and their ratio.
 
-By default the model is the default config (conf/model/neuroformer.yaml) with random weights,
-whose windows are short and meaningless; pass a trained model with ``--model`` (it is run on
-its own test block of the recording the data config names) to time windows of realistic length.
+Two kinds of input:
 
-Usage: python bench/generation.py [--model CKPT|models:/NAME@ALIAS] [--batch-sizes 1 8 32] [--threads N]
+- default: test windows of the default recording with the default config (conf/model/neuroformer.yaml)
+  and random weights, or a trained model with ``--model`` (run on its own test block of the
+  recording the data config names); the last column compares generated with true spikes per window.
+- ``--reference-shapes full|small``: the reference implementation's shapes, random weights and
+  random-but-valid contexts (ID vocabulary 2026, current block 100, past block 700 of which 430
+  tokens are real, 3 stimulus frames of 30 x 100 in (1, 15, 5) patches, 1 behaviour variable x
+  8 steps; full: 256 wide, 8 heads, 21 blocks; small: 128 wide, 4 heads, 5 blocks). Windows are
+  forced to ``--length`` tokens (default 40); batches above 8 are timed once, without warm-up, and
+  the full forward pass once per batch size. The ratio column is tokens/s over the reference's
+  batch-1 tokens/s (full 16.6, small 83.5, measured on a machine whose fp32 matmul peak was
+  198 GFLOP/s), scaled by this machine's measured peak.
+
+``--memory`` (reference shapes) also measures each batch size's peak memory: a fresh process
+builds the model and contexts, resets its resident-set high-water mark, samples once, and
+reports the mark (``VmHWM``: peak RSS, model included) and its rise over the RSS before sampling
+(what the batch's generation itself added: context encoding, caches, activations, workspace).
+
+Usage: python bench/generation.py [--model CKPT|models:/NAME@ALIAS] [--reference-shapes full|small]
+       [--length N] [--batch-sizes 1 8 32 256] [--full-max-batch 8] [--memory] [--threads N]
        [hydra overrides]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
-from neuroformer.data.dataset import WindowDataset
-from neuroformer.data.splits import window_starts
-from neuroformer.data.tokenizer import N_SPECIAL
+from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS
 from neuroformer.inference.generate import SamplingConfig, sample_windows
-from neuroformer.registry import load
+from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig, NeuroformerInput
+from peak import matmul_peak  # bench/peak.py, next to this script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+REFERENCE_SIZES = {"full": dict(n_embd=256, n_head=8, n_layer=21), "small": dict(n_embd=128, n_head=4, n_layer=5)}
+REFERENCE_TOKENS_PER_S = {"full": 16.6, "small": 83.5}  # batch 1, full forward per token
+REFERENCE_PEAK = 198e9  # fp32 matmul FLOP/s of the machine those were measured on
+REFERENCE_BINS, REFERENCE_PAST_REAL = 10, 430  # current-window dt bins; real past tokens of 700
 
 
-def timed_generation(model, batch, n_bins: int, use_cache: bool, repeats: int):
+def reference_model(size: str) -> Neuroformer:
+    """The reference's model shape with random weights (rate read-out off), in eval mode."""
+    torch.manual_seed(0)
+    cfg = NeuroformerConfig(id_vocab_size=2026, dt_vocab_size=33, block_size=100, past_block_size=700, n_frames=3,
+                            frame_shape=(30, 100), patch=(1, 15, 5), n_behavior=1, behavior_steps=8,
+                            **REFERENCE_SIZES[size])
+    return Neuroformer(cfg).eval()
+
+
+def reference_inputs(cfg: NeuroformerConfig, batch: int, seed: int = 0) -> NeuroformerInput:
+    """Random valid contexts: past ``[SOS, 430 spikes in time order, PAD..]``, frames, behaviour."""
+    g = torch.Generator().manual_seed(seed)
+    n = REFERENCE_PAST_REAL
+    past_ids = torch.full((batch, cfg.past_block_size), PAD)
+    past_dts = torch.full((batch, cfg.past_block_size), PAD)
+    past_ids[:, 0], past_dts[:, 0] = SOS, SOS
+    past_ids[:, 1 : n + 1] = torch.randint(N_SPECIAL, cfg.id_vocab_size, (batch, n), generator=g)
+    past_dts[:, 1 : n + 1] = torch.randint(N_SPECIAL, cfg.dt_vocab_size, (batch, n), generator=g).sort(1).values
+    ids = torch.full((batch, cfg.block_size), PAD)
+    return NeuroformerInput(ids, ids.clone(), past_ids, past_dts,
+                            torch.randn(batch, cfg.n_frames, *cfg.frame_shape, generator=g),
+                            torch.randn(batch, cfg.behavior_steps, cfg.n_behavior, generator=g))
+
+
+def timed_generation(model, inputs, n_bins: int, use_cache: bool, repeats: int, length: int | None):
     """Median seconds over ``repeats`` runs with the same seed, and the last run's samples."""
     times = []
     for _ in range(repeats):
         generator = torch.Generator().manual_seed(0)
         t = time.perf_counter()
-        out = sample_windows(model, batch, n_bins, SamplingConfig(), generator, use_cache=use_cache)
+        out = sample_windows(model, inputs, n_bins, SamplingConfig(), generator, use_cache=use_cache, length=length)
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="trained model (checkpoint or registry URI); default: random weights")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args, overrides = parser.parse_known_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
-    torch.manual_seed(0)
+
+def _memory_child(size: str, batch: int, length: int, threads: int | None, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    model = reference_model(size)
+    inputs = reference_inputs(model.config, batch)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS
+    before = _status_mib("VmRSS")
+    sample_windows(model, inputs, REFERENCE_BINS, SamplingConfig(), torch.Generator().manual_seed(0), length=length)
+    peak = _status_mib("VmHWM")
+    queue.put((peak, peak - before))
+
+
+def peak_memory(size: str, batch: int, length: int, threads: int | None) -> tuple[float, float]:
+    """(peak RSS, its rise during sampling) in MiB, from a fresh process generating one batch."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(size, batch, length, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def data_windows(args, overrides: list[str]):
+    """(model, n_bins, batch -> (inputs, true spikes per window)) on the configured recording's test block."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from neuroformer.data.dataset import WindowDataset
+    from neuroformer.data.splits import window_starts
+    from neuroformer.registry import load
+
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["paths.output_dir=outputs/bench", "paths.root_dir=.", *overrides])
     dm = instantiate(cfg.data)
@@ -68,29 +137,82 @@ def main() -> None:
         test = WindowDataset([rec], spec, [starts])
     else:
         model, spec, test = instantiate(cfg.model)(spec=dm.spec).eval(), dm.spec, dm.datasets["test"]
-    n_bins = spec.tokenizer.n_bins
+
+    def windows(bs: int):
+        batch = test.__getitems__(list(range(bs)))
+        return batch.inputs, float((batch.target_ids >= N_SPECIAL).sum(1).float().mean())
+
+    return model, spec.tokenizer.n_bins, windows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="trained model (checkpoint or registry URI); default: random weights")
+    parser.add_argument("--reference-shapes", choices=sorted(REFERENCE_SIZES),
+                        help="the reference implementation's model and context shapes, random weights")
+    parser.add_argument("--length", type=int, help="force every window to this many tokens (reference shapes: 40)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 8 32 (reference shapes: 1 8 32 256)")
+    parser.add_argument("--full-max-batch", type=int, default=None,
+                        help="time the full-forward path only up to this batch (reference shapes: 8)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="peak RSS per batch size, one fresh process each")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args, overrides = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ref = args.reference_shapes
+    length = args.length or (40 if ref else None)
+    batch_sizes = args.batch_sizes or ([1, 8, 32, 256] if ref else [1, 8, 32])
+    full_max = args.full_max_batch if args.full_max_batch is not None else (8 if ref else max(batch_sizes))
+
+    if ref:
+        model, n_bins = reference_model(ref), REFERENCE_BINS
+        windows = lambda bs: (reference_inputs(model.config, bs), None)  # noqa: E731
+        peak = matmul_peak()
+        target = REFERENCE_TOKENS_PER_S[ref] * peak / REFERENCE_PEAK
+        source = (f"reference shapes '{ref}', random weights; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s: the "
+                  f"reference's {REFERENCE_TOKENS_PER_S[ref]} tokens/s scales to {target:.1f}")
+    else:
+        model, n_bins, windows = data_windows(args, overrides)
+        source = args.model or "default config, random weights"
     c = model.config
-    print(f"model: {args.model or 'default config, random weights'}: n_embd {c.n_embd}, n_layer {c.n_layer}, "
-          f"block {c.block_size}, context {c.past_block_size} past + {c.n_patches} patches + {c.behavior_steps} "
-          f"behaviour tokens; {torch.get_num_threads()} threads\n")
-    header = (f"{'batch':>5} {'tokens':>7} {'steps':>5} {'cache tok/s':>12} {'full tok/s':>11} {'speed-up':>9} "
-              f"{'same':>5} {'spikes/window (true)':>21}")
+    print(f"model: {source}\n  n_embd {c.n_embd}, n_layer {c.n_layer}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, block {c.block_size}, context "
+          f"{c.past_block_size} past + {c.n_patches} patches + {c.behavior_steps} behaviour tokens; "
+          f"{'length ' + str(length) if length else 'sampled lengths'}; {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
+    cols = [f"{'batch':>5}", f"{'tokens':>7}", f"{'steps':>5}", f"{'cache tok/s':>12}", f"{'full tok/s':>11}",
+            f"{'speed-up':>9}", f"{'same':>5}"]
+    cols += [f"{'vs ref':>7}"] if ref else [f"{'spikes/window (true)':>21}"]
+    cols += [f"{'peak RSS MiB':>12}", f"{'rise MiB':>9}"] if args.memory else []
+    header = " ".join(cols)
     print(header)
     print("-" * len(header))
-    with torch.no_grad():
-        for bs in args.batch_sizes:
-            batch = test.__getitems__(list(range(bs)))
-            sample_windows(model, batch.inputs, n_bins, use_cache=True)  # warm-up
-            cached_s, cached = timed_generation(model, batch.inputs, n_bins, True, args.repeats)
-            full_s, full = timed_generation(model, batch.inputs, n_bins, False, args.repeats)
+    for bs in batch_sizes:
+        inputs, true = windows(bs)
+        big = ref and bs > 8  # seconds to minutes per run: one run, no warm-up
+        if not big:
+            sample_windows(model, inputs, n_bins, length=length)  # warm-up
+        cached_s, cached = timed_generation(model, inputs, n_bins, True, 1 if big else args.repeats, length)
+        tokens = int((cached.counts + cached.ended).sum())
+        row = [f"{bs:>5}", f"{tokens:>7}", f"{cached.steps:>5}", f"{tokens / cached_s:>12.0f}"]
+        if bs <= full_max:
+            full_s, full = timed_generation(model, inputs, n_bins, False, 1 if ref else args.repeats, length)
             same = torch.equal(cached.ids, full.ids) and torch.equal(cached.dts, full.dts)
-            tokens = int((cached.counts + cached.ended).sum())
-            true = float((batch.target_ids >= N_SPECIAL).sum(1).float().mean())
-            spikes = f"{float(cached.counts.float().mean()):.1f} ({true:.1f})"
-            print(f"{bs:>5} {tokens:>7} {cached.steps:>5} {tokens / cached_s:>12.0f} {tokens / full_s:>11.0f} "
-                  f"{full_s / cached_s:>8.1f}x {'yes' if same else 'NO':>5} {spikes:>21}")
-            if not same:
-                raise SystemExit("cached and full-forward sampling drew different tokens")
+            row += [f"{tokens / full_s:>11.1f}", f"{full_s / cached_s:>8.1f}x", f"{'yes' if same else 'NO':>5}"]
+        else:
+            same = True
+            row += [f"{'-':>11}", f"{'-':>9}", f"{'-':>5}"]
+        if ref:
+            row.append(f"{tokens / cached_s / target:>6.1f}x")
+        else:
+            row.append(f"{f'{float(cached.counts.float().mean()):.1f} ({true:.1f})':>21}")
+        if args.memory:
+            rss, rise = peak_memory(ref, bs, length, args.threads) if ref else (float("nan"), float("nan"))
+            row += [f"{rss:>12.0f}", f"{rise:>9.0f}"]
+        print(" ".join(row), flush=True)
+        if not same:
+            raise SystemExit("cached and full-forward sampling drew different tokens")
 
 
 if __name__ == "__main__":

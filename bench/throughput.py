@@ -22,22 +22,9 @@ from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
 from neuroformer.data.tokenizer import PAD
+from peak import matmul_peak  # bench/peak.py, next to this script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s: the best of ``repeats`` n x n x n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main(overrides: list[str]) -> None:

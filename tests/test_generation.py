@@ -14,7 +14,7 @@ from neuroformer.inference.generate import SamplingConfig, filter_logits, sample
 from neuroformer.registry import LoadedModel
 from neuroformer.registry.mlflow_model import save_model_files
 from tests.configs import compose
-from tests.test_model import make_batch, make_model
+from tests.test_model import DESIGNS, make_batch, make_model
 
 N_BINS = 4  # current-window bins of the toy model (its dt vocabulary holds 10 bins)
 
@@ -31,8 +31,9 @@ def sim_setup(small_sim_path, tmp_path_factory):
     return instantiate(cfg.model)(spec=dm.spec).eval(), dm, cfg
 
 
-def test_decode_step_matches_forward_in_any_chunking():
-    model, batch = make_model(), make_batch(n_cur=7)
+@DESIGNS
+def test_decode_step_matches_forward_in_any_chunking(design):
+    model, batch = make_model(**design), make_batch(n_cur=7, n_past=9)
     with torch.no_grad():
         full = model(batch.inputs)
         for chunks in ([1] * 12, [5, 7], [12]):
@@ -45,6 +46,43 @@ def test_decode_step_matches_forward_in_any_chunking():
             torch.testing.assert_close(torch.cat([o[1] for o in outs], 1), full.dt_logits, rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="block size"):
             model.decode_step(cache, batch.ids[:, :1], batch.dts[:, :1])
+
+
+def test_static_cache_matches_concatenating_blocks():
+    """decode_step's in-place buffers hold what DecoderBlock.forward's concatenated keys/values do, and give its outputs."""
+    model, batch = make_model(), make_batch(n_cur=7)
+    with torch.no_grad():
+        context, keep, _ = model.encode_context(batch.inputs)
+        cross_mask = keep[:, None, None, :]
+        cache = model.start_decoding(batch.inputs)
+        past = [None] * len(model.blocks)
+        for t in range(batch.ids.shape[1]):
+            ids, dts = batch.ids[:, t : t + 1], batch.dts[:, t : t + 1]
+            mask = (batch.ids[:, : t + 1] != PAD)[:, None, None, :]
+            h = model.embed(ids, dts, model.current_pos[t:])
+            for i, block in enumerate(model.blocks):
+                h, past[i], _ = block(h, mask, block.cross_attn.keys_values(context), cross_mask, past[i])
+            id_logits, dt_logits = model.decode_step(cache, ids, dts)
+            torch.testing.assert_close(id_logits, model.id_head(model.ln_f(h)), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dt_logits, model.dt_head(model.ln_f(h)), rtol=1e-5, atol=1e-5)
+            assert cache.length == t + 1
+            for (k, v), buffers in zip(past, cache.self_kv):
+                torch.testing.assert_close(buffers[0, :, :, : t + 1], k, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(buffers[1, :, :, : t + 1], v, rtol=1e-6, atol=1e-6)
+
+
+def test_start_decoding_leaves_out_the_all_pad_past_tail():
+    model, batch = make_model(), make_batch(n_cur=7, n_past=5)
+    batch2 = make_batch(n_cur=7, n_past=9)
+    x = batch.inputs._replace(past_ids=torch.cat([batch.past_ids, batch2.past_ids]),
+                              past_dts=torch.cat([batch.past_dts, batch2.past_dts]),
+                              frames=torch.cat([batch.frames, batch2.frames]),
+                              behavior=torch.cat([batch.behavior, batch2.behavior]))
+    with torch.no_grad():
+        cache = model.start_decoding(x)
+    n_ctx = 9 + model.config.n_patches + model.config.behavior_steps  # the longest past: SOS + 8 spikes
+    assert cache.cross_kv[0][0].shape[2] == n_ctx and cache.cross_mask.shape == (6, 1, 1, n_ctx)
+    assert torch.isinf(cache.cross_mask[:3, 0, 0, 5:9]).all() and (cache.cross_mask[3:, 0, 0, :9] == 0).all()
 
 
 def test_forward_with_attention_returns_the_weights_forward_uses():
@@ -74,6 +112,26 @@ def test_cache_and_full_forward_draw_identical_samples(sampling):
     assert cached.counts.min() > 2
     if sampling.temperature > 0:  # the seed matters, so equality above is not a coincidence
         assert not torch.equal(run(2, True).ids, cached.ids)
+
+
+def test_forced_length_gives_exactly_that_many_spikes_never_eos():
+    model, batch = make_model(), make_batch(b=8)
+    run = lambda cache, length: sample_windows(  # noqa: E731
+        model, batch.inputs, N_BINS, SamplingConfig(), torch.Generator().manual_seed(0), use_cache=cache, length=length)
+    free = run(True, None)
+    assert free.ended.all() and free.counts.max() < 9  # left alone, this model ends its windows early
+    for length in (1, 9, 11):
+        out = run(True, length)
+        assert out.steps == length and (out.counts == length).all() and not out.ended.any()
+        spikes_ids, spikes_dts = out.ids[:, 1 : length + 1], out.dts[:, 1 : length + 1]
+        assert (spikes_ids >= N_SPECIAL).all() and (out.ids[:, length + 1 :] == PAD).all()
+        bins = spikes_dts - N_SPECIAL
+        assert ((bins >= 0) & (bins < N_BINS)).all() and (bins.diff(dim=1) >= 0).all()
+        full = run(False, length)
+        assert torch.equal(out.ids, full.ids) and torch.equal(out.dts, full.dts)
+    for bad in (0, 12):
+        with pytest.raises(ValueError, match="length"):
+            run(True, bad)
 
 
 def test_filter_logits_top_k_top_p_and_temperature():

@@ -15,7 +15,10 @@ Each draw applies, in order,
 
 Each step costs one incremental pass: ``Neuroformer.start_decoding`` encodes the context
 (past window, stimulus, behaviour) once per window and caches its cross-attention keys and
-values, and ``decode_step`` feeds one new token against the self-attention cache.
+values, and ``decode_step`` feeds one new token, writing its self-attention keys/values into
+buffers allocated once per batch. The constraints are looked up each step in tables of additive
+masks built once per call, so a step of the loop is a handful of tensor operations around the
+model's. ``length`` forces a fixed number of spikes per window (no EOS), for benchmarks.
 ``use_cache=False`` runs the same loop with a full forward pass per token (the reference
 that the test and ``bench/generation.py`` compare against); both give identical samples.
 
@@ -99,7 +102,7 @@ def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
 
     Masked (-inf) entries stay masked; at least the most likely token always survives.
     """
-    if sampling.temperature > 0:
+    if sampling.temperature > 0 and sampling.temperature != 1:  # dividing by 1 changes nothing: skip the op
         logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
@@ -113,17 +116,20 @@ def filter_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
     return logits
 
 
-def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def draw(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None,
+         noise: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of (B, V) logits: greedy if temperature is 0, else a Gumbel-max draw.
 
     The noise is drawn for every row and token whatever the logits are, so the generator's
-    stream, and thus the samples, depend only on the seed and on which token wins.
+    stream, and thus the samples, depend only on the seed and on which token wins. ``noise``,
+    a (B, V) buffer, saves allocating it at every draw.
     """
     logits = filter_logits(logits, sampling)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    u = torch.rand(logits.shape, generator=generator, device=logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    u = torch.empty(logits.shape, device=logits.device) if noise is None else noise
+    u.uniform_(generator=generator)  # what torch.rand draws
+    gumbel = u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_().log_().neg_()  # -log(-log u), in place
     return (logits + gumbel).argmax(dim=-1)
 
 
@@ -134,6 +140,11 @@ def dt_constraint(last_bin: torch.Tensor, n_bins: int, dt_vocab: int) -> torch.T
     ok = (bins[None, :] >= last_bin[:, None]) & (bins[None, :] < n_bins)
     ok[:, EOS] = True
     return ok
+
+
+def additive_mask(ok: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``ok``, -inf elsewhere: adding it to logits is ``masked_fill(~ok, -inf)``, bit for bit."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)
 
 
 def id_constraint(new_dt: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -171,6 +182,7 @@ def sample_windows(
     generator: torch.Generator | None = None,
     unit_tokens: torch.Tensor | None = None,
     use_cache: bool = True,
+    length: int | None = None,
 ) -> GeneratedWindows:
     """Sample the current window of every row of ``x`` given its context.
 
@@ -183,40 +195,53 @@ def sample_windows(
         unit_tokens: ID tokens that may be generated (e.g. one session's units); default all units.
         use_cache: incremental decoding with the KV cache; False runs a full forward pass per
             token (the reference implementation; identical samples, much slower).
+        length: if given, every window gets exactly ``length`` spikes: EOS is never drawn and
+            sampling stops after ``length`` steps (fixed-work benchmarks); at most ``block_size - 1``.
 
     Returns:
         GeneratedWindows with (B, block_size) token tensors.
     """
     cfg = model.config
     B, T = len(x.past_ids), cfg.block_size
-    device = x.past_ids.device
+    if length is not None and not 0 < length < T:
+        raise ConfigError(f"sample_windows: length must be in [1, {T - 1}] (block size {T}); got {length}")
+    device, dtype = x.past_ids.device, next(model.parameters()).dtype
     allowed = torch.zeros(cfg.id_vocab_size, dtype=torch.bool, device=device)
     allowed[N_SPECIAL:] = True
     if unit_tokens is not None:
         allowed[N_SPECIAL:] = False
         allowed[unit_tokens] = True
+    # The constraints as tables of additive masks, looked up each step. Row d of dt_mask: what may
+    # follow a spike of dt token d (PAD/SOS/EOS rows: anything from bin 0, as at the start).
+    dt_ok = dt_constraint((torch.arange(cfg.dt_vocab_size, device=device) - N_SPECIAL).clamp(min=0), n_bins,
+                          cfg.dt_vocab_size)
+    if length is not None:
+        dt_ok[:, EOS] = False
+    dt_mask = additive_mask(dt_ok, dtype)  # (V_dt, V_dt)
+    id_mask = additive_mask(id_constraint(torch.tensor([N_SPECIAL, EOS], device=device), allowed), dtype)
+    spike_mask, eos_mask = id_mask  # (V_id,) after a spike's dt, after a dt EOS
     ids = torch.full((B, T), PAD, dtype=torch.long, device=device)
     dts = torch.full((B, T), PAD, dtype=torch.long, device=device)
     ids[:, 0], dts[:, 0] = SOS, SOS
-    last_bin = torch.zeros(B, dtype=torch.long, device=device)
-    counts = torch.zeros(B, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
+    dt_noise = torch.empty(B, cfg.dt_vocab_size, device=device)  # default dtype, as torch.rand's
+    id_noise = torch.empty(B, cfg.id_vocab_size, device=device)
     logits_at = (_cached_logits if use_cache else _full_forward_logits)(model, x)
     steps = 0
-    for t in range(T - 1):  # position t predicts token t + 1; a full block holds T - 1 spikes
+    for t in range(T - 1 if length is None else length):  # position t predicts token t + 1; a block holds T - 1 spikes
         id_logits, dt_logits = logits_at(ids, dts, t)
         steps += 1
-        dt_ok = dt_constraint(last_bin, n_bins, cfg.dt_vocab_size)
-        new_dt = draw(dt_logits.masked_fill(~dt_ok, NEG_INF), sampling, generator)
-        id_ok = id_constraint(new_dt, allowed)
-        new_id = draw(id_logits.masked_fill(~id_ok, NEG_INF), sampling, generator)
-        ended |= new_dt == EOS
-        live = ~ended
-        ids[live, t + 1], dts[live, t + 1] = new_id[live], new_dt[live]
-        counts += live
-        last_bin = torch.where(live, new_dt - N_SPECIAL, last_bin)
-        if ended.all():
-            break
+        new_dt = draw(dt_logits + dt_mask[dts[:, t]], sampling, generator, dt_noise)
+        if length is None:
+            eos = new_dt == EOS
+            new_id = draw(id_logits + torch.where(eos[:, None], eos_mask, spike_mask), sampling, generator, id_noise)
+            ended |= eos
+            ids[:, t + 1], dts[:, t + 1] = new_id.masked_fill_(ended, PAD), new_dt.masked_fill_(ended, PAD)
+            if ended.all():
+                break
+        else:
+            ids[:, t + 1], dts[:, t + 1] = draw(id_logits + spike_mask, sampling, generator, id_noise), new_dt
+    counts = (ids[:, 1:] != PAD).sum(1)
     return GeneratedWindows(ids, dts, counts, ended, steps)
 
 

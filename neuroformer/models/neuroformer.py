@@ -163,24 +163,30 @@ class Features(NamedTuple):
 class DecoderCache:
     """Incremental-decoding state of one batch of windows (``Neuroformer.start_decoding``).
 
+    Every buffer is allocated once per batch; ``decode_step`` writes into it in place.
+
     Attributes:
         cross_kv: per decoder block, the context's cross-attention keys and values, each
-            (B, h, N, C/h); computed once per window.
-        cross_mask: (B, 1, 1, N) bool, False for PAD context tokens.
-        self_kv: per decoder block, self-attention keys and values of the tokens fed so far,
-            each (B, h, L, C/h), or None before the first token.
-        keep: (B, L) bool, False where a fed token is PAD.
+            (B, h, N, C/h); computed once per window. N omits the past block's trailing
+            columns that are PAD in every row.
+        cross_mask: (B, 1, 1, N) additive attention mask: 0, or -inf for PAD context tokens.
+        self_kv: per decoder block, (2, B, h, T, C/h) self-attention keys and values; positions
+            below ``length`` hold the tokens fed so far.
+        keep: (B, T) additive attention mask of the current tokens as keys: 0 where a fed token is
+            not PAD, -inf where it is PAD and beyond ``length``.
+        causal: (T, T) additive causal mask: 0 on and below the diagonal, -inf above.
+        qkv: per decoder block, the self-attention's query, key and value projections as one
+            (3C, C) weight and (3C,) bias (its ``q`` and ``kv`` concatenated: one matmul per step).
+        length: number of current-window tokens fed so far.
     """
 
     cross_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cross_mask: torch.Tensor
-    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    self_kv: list[torch.Tensor]
     keep: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        """Number of current-window tokens fed so far."""
-        return self.keep.shape[1]
+    causal: torch.Tensor
+    qkv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int = 0
 
 
 class Attention(nn.Module):
@@ -204,6 +210,10 @@ class Attention(nn.Module):
         """(B, T, C) -> (B, h, T, C/h)."""
         B, T, C = t.shape
         return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention's query, key and value projections as one (3C, C) weight and (3C,) bias (copies)."""
+        return torch.cat([self.q.weight, self.kv.weight]), torch.cat([self.q.bias, self.kv.bias])
 
     def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of context (B, Tk, C), each (B, h, Tk, C/h); cacheable across queries."""
@@ -294,6 +304,40 @@ class DecoderBlock(nn.Module):
         y, weights = self.cross_attn.attend(self.ln2(x), *cross_kv, cross_mask, need_weights)
         x = x + y
         return x + self.mlp(self.ln3(x)), (k, v), weights
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        self_kv: torch.Tensor,
+        start: int,
+        self_mask: torch.Tensor,
+        qkv: tuple[torch.Tensor, torch.Tensor],
+        cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward`` on n new tokens at positions ``start..start+n-1``, writing their keys/values in place.
+
+        Args:
+            x: (B, n, C) the new tokens' residual stream.
+            self_kv: (2, B, h, T, C/h) self-attention keys/values; positions below ``start`` hold the
+                earlier tokens', the new ones are written at ``start..start+n-1``.
+            self_mask: (B, 1, n, start + n) which earlier and new tokens each new one may attend to
+                (bool, or additive: 0 or -inf).
+            qkv: the self-attention's fused projection (``Attention.fused_qkv``).
+            cross_kv, cross_mask: as in ``forward``.
+
+        Returns:
+            (B, n, C) output.
+        """
+        B, n, C = x.shape
+        attn, end = self.self_attn, start + n
+        qkv_heads = F.linear(self.ln1(x), *qkv).view(B, n, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
+        self_kv[:, :, :, start:end] = qkv_heads[1:]  # keys and values in one copy
+        q = qkv_heads[0]  # (B, h, n, C/h)
+        y = F.scaled_dot_product_attention(q, self_kv[0, :, :, :end], self_kv[1, :, :, :end], attn_mask=self_mask)
+        x = x + attn.proj(y.transpose(1, 2).reshape(B, n, C))
+        x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, cross_mask)[0]
+        return x + self.mlp(self.ln3(x))
 
 
 class ContextEncoder(nn.Module):
@@ -571,23 +615,36 @@ class Neuroformer(nn.Module):
         return self.heads(f.hidden, x), f.attention
 
     def start_decoding(self, x: NeuroformerInput) -> DecoderCache:
-        """Encode a batch's context once and cache its cross-attention keys/values in every block.
+        """Encode a batch's context once, cache its cross-attention keys/values in every block and
+        allocate the self-attention key/value buffers for a whole block.
 
         Only the context fields of ``x`` are read (past tokens, frames, behaviour); feed the
         current window's tokens with ``decode_step``.
         """
-        cross_kv, keep_ctx, _ = self.cross_keys_values(x)
+        # Past columns that are PAD in every row (the tail of a block longer than any row's past)
+        # are masked everywhere: leaving them out saves their encoding and their keys/values in every block.
+        n_past = int(torch.nonzero((x.past_ids != PAD).any(0)).max()) + 1
+        cross_kv, keep_ctx, _ = self.cross_keys_values(x._replace(past_ids=x.past_ids[:, :n_past],
+                                                                  past_dts=x.past_dts[:, :n_past]))
+        cfg, B, T = self.config, len(keep_ctx), self.config.block_size
+        k0 = cross_kv[0][0]
+        shape = (2, B, cfg.n_head, T, cfg.n_embd // cfg.n_head)
+        # Additive (0 / -inf) masks: SDPA converts a bool mask to one at every call.
+        additive = lambda keep: torch.zeros_like(keep, dtype=k0.dtype).masked_fill_(~keep, float("-inf"))  # noqa: E731
         return DecoderCache(
-            cross_kv=cross_kv,
-            cross_mask=keep_ctx[:, None, None, :],
-            self_kv=[None] * len(self.blocks),
-            keep=torch.zeros(len(keep_ctx), 0, dtype=torch.bool, device=keep_ctx.device),
+            # Contiguous copies: SDPA reads views strided across heads and keys/values 2-3x slower.
+            cross_kv=[tuple(t.contiguous() for t in kv) for kv in cross_kv],
+            cross_mask=additive(keep_ctx[:, None, None, :]),
+            self_kv=[k0.new_empty(shape) for _ in self.blocks],
+            keep=k0.new_full((B, T), float("-inf")),
+            causal=additive(torch.ones(T, T, dtype=torch.bool, device=k0.device).tril()),
+            qkv=[block.self_attn.fused_qkv() for block in self.blocks],
         )
 
     def decode_step(
         self, cache: DecoderCache, ids: torch.Tensor, dts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append n current-window tokens and return the next-token logits at their positions.
+        """Feed n current-window tokens and return the next-token logits at their positions.
 
         Costs one pass over the n new tokens only: earlier tokens' self-attention keys/values and
         the context's cross-attention keys/values come from ``cache``, which is updated in place.
@@ -602,16 +659,18 @@ class Neuroformer(nn.Module):
             id_logits (B, n, id_vocab_size) and dt_logits (B, n, dt_vocab_size).
         """
         L, n = cache.length, ids.shape[1]
-        if L + n > self.config.block_size:
+        end = L + n
+        if end > self.config.block_size:
             raise ValueError(f"decode_step: {L} + {n} tokens exceed the block size {self.config.block_size}")
-        keep = torch.cat([cache.keep, ids != PAD], dim=1)  # (B, L + n)
-        causal = torch.ones(n, L + n, dtype=torch.bool, device=ids.device).tril(diagonal=L)
-        self_mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, n, L + n)
+        cache.keep[:, L:end].masked_fill_(ids != PAD, 0.0)
+        self_mask = cache.keep[:, None, None, :end]  # (B, 1, 1, L + n): one new token sees every earlier one
+        if n > 1:
+            self_mask = self_mask + cache.causal[L:end, :end]  # (B, 1, n, L + n)
         x = self.embed(ids, dts, self.current_pos[L:])
-        for i, block in enumerate(self.blocks):
-            x, cache.self_kv[i], _ = block(x, self_mask, cache.cross_kv[i], cache.cross_mask, cache.self_kv[i])
+        for block, self_kv, qkv, cross_kv in zip(self.blocks, cache.self_kv, cache.qkv, cache.cross_kv):
+            x = block.decode(x, self_kv, L, self_mask, qkv, cross_kv, cache.cross_mask)
         x = self.ln_f(x)
-        cache.keep = keep
+        cache.length = end
         return self.id_head(x), self.dt_head(x)
 
     def losses(self, out: ModelOutput, target_ids: torch.Tensor, target_dts: torch.Tensor,
