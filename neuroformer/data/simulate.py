@@ -111,22 +111,25 @@ class SimulationConfig:
             raise ConfigError("simulation block_max must be >= block_min")
         if self.dt * self.max_rate >= 1 or self.dt > 0.5 / self.frame_rate:
             raise ConfigError("simulation dt is too coarse for max_rate or frame_rate (need dt * max_rate < 1, dt <= 0.5 / frame_rate)")
-
-    @property
-    def frame_shape(self) -> tuple[int, int]:
-        """(height, width) of a stimulus frame, pixels."""
-        return self.frame_size, self.frame_width or self.frame_size
         if self.n_clips < 1:
             raise ConfigError("simulation n_clips must be >= 1")
         if self.population not in POPULATIONS:
             raise ConfigError(f"simulation population must be one of {POPULATIONS}, got {self.population!r}")
 
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(height, width) of a stimulus frame, pixels."""
+        return self.frame_size, self.frame_width or self.frame_size
+
     def to_dict(self) -> dict:
-        """The fields as plain JSON; ``population`` only when not the default, so the default
-        recording keeps the identifier, cache file and notes it had before the option existed."""
+        """The fields as plain JSON; ``population`` and ``frame_width`` only when not their
+        defaults, so the default recording keeps the identifier, cache file and notes it had
+        before these options existed."""
         d = dataclasses.asdict(self)
         if d["population"] == "default":
             del d["population"]
+        if d["frame_width"] == 0:
+            del d["frame_width"]
         return d
 
     def identifier(self) -> str:
