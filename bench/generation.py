@@ -9,10 +9,9 @@ Two kinds of input:
 - default: test windows of the default recording with the default config (conf/model/neuroformer.yaml)
   and random weights, or a trained model with ``--model`` (run on its own test block of the
   recording the data config names); the last column compares generated with true spikes per window.
-- ``--reference-shapes full|small``: the reference implementation's shapes, random weights and
-  random-but-valid contexts (ID vocabulary 2026, current block 100, past block 700 of which 430
-  tokens are real, 3 stimulus frames of 30 x 100 in (1, 15, 5) patches, 1 behaviour variable x
-  8 steps; full: 256 wide, 8 heads, 21 blocks; small: 128 wide, 4 heads, 5 blocks). Windows are
+- ``--reference-shapes full|small``: the reference implementation's shapes (``bench/reference.py``)
+  with random weights and random-but-valid contexts, in the ``--design`` given (default
+  ``latents+past``, the default model's; ``tokens`` is the reference's layout). Windows are
   forced to ``--length`` tokens (default 40); batches above 8 are timed once, without warm-up, and
   the full forward pass once per batch size. The ratio column is tokens/s over the reference's
   batch-1 tokens/s (full 16.6, small 83.5, measured on a machine whose fp32 matmul peak was
@@ -24,6 +23,7 @@ reports the mark (``VmHWM``: peak RSS, model included) and its rise over the RSS
 (what the batch's generation itself added: context encoding, caches, activations, workspace).
 
 Usage: python bench/generation.py [--model CKPT|models:/NAME@ALIAS] [--reference-shapes full|small]
+       [--design tokens|latents|latents+past]
        [--length N] [--batch-sizes 1 8 32 256] [--full-max-batch 8] [--memory] [--threads N]
        [hydra overrides]
 """
@@ -38,40 +38,12 @@ from pathlib import Path
 
 import torch
 
-from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS
+from neuroformer.data.tokenizer import N_SPECIAL
 from neuroformer.inference.generate import SamplingConfig, sample_windows
-from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig, NeuroformerInput
 from peak import matmul_peak  # bench/peak.py, next to this script
+from reference import DESIGNS, N_BINS, REFERENCE_GENERATION, REFERENCE_PEAK, build, windows  # bench/reference.py
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-REFERENCE_SIZES = {"full": dict(n_embd=256, n_head=8, n_layer=21), "small": dict(n_embd=128, n_head=4, n_layer=5)}
-REFERENCE_TOKENS_PER_S = {"full": 16.6, "small": 83.5}  # batch 1, full forward per token
-REFERENCE_PEAK = 198e9  # fp32 matmul FLOP/s of the machine those were measured on
-REFERENCE_BINS, REFERENCE_PAST_REAL = 10, 430  # current-window dt bins; real past tokens of 700
-
-
-def reference_model(size: str) -> Neuroformer:
-    """The reference's model shape with random weights (rate read-out off), in eval mode."""
-    torch.manual_seed(0)
-    cfg = NeuroformerConfig(id_vocab_size=2026, dt_vocab_size=33, block_size=100, past_block_size=700, n_frames=3,
-                            frame_shape=(30, 100), patch=(1, 15, 5), n_behavior=1, behavior_steps=8,
-                            **REFERENCE_SIZES[size])
-    return Neuroformer(cfg).eval()
-
-
-def reference_inputs(cfg: NeuroformerConfig, batch: int, seed: int = 0) -> NeuroformerInput:
-    """Random valid contexts: past ``[SOS, 430 spikes in time order, PAD..]``, frames, behaviour."""
-    g = torch.Generator().manual_seed(seed)
-    n = REFERENCE_PAST_REAL
-    past_ids = torch.full((batch, cfg.past_block_size), PAD)
-    past_dts = torch.full((batch, cfg.past_block_size), PAD)
-    past_ids[:, 0], past_dts[:, 0] = SOS, SOS
-    past_ids[:, 1 : n + 1] = torch.randint(N_SPECIAL, cfg.id_vocab_size, (batch, n), generator=g)
-    past_dts[:, 1 : n + 1] = torch.randint(N_SPECIAL, cfg.dt_vocab_size, (batch, n), generator=g).sort(1).values
-    ids = torch.full((batch, cfg.block_size), PAD)
-    return NeuroformerInput(ids, ids.clone(), past_ids, past_dts,
-                            torch.randn(batch, cfg.n_frames, *cfg.frame_shape, generator=g),
-                            torch.randn(batch, cfg.behavior_steps, cfg.n_behavior, generator=g))
 
 
 def timed_generation(model, inputs, n_bins: int, use_cache: bool, repeats: int, length: int | None):
@@ -91,24 +63,24 @@ def _status_mib(field: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def _memory_child(size: str, batch: int, length: int, threads: int | None, queue) -> None:
+def _memory_child(size: str, design: str, batch: int, length: int, threads: int | None, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
-    model = reference_model(size)
-    inputs = reference_inputs(model.config, batch)
+    model = build(size, design).eval()
+    inputs = windows(batch, current_real=0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
     before = _status_mib("VmRSS")
-    sample_windows(model, inputs, REFERENCE_BINS, SamplingConfig(), torch.Generator().manual_seed(0), length=length)
+    sample_windows(model, inputs, N_BINS, SamplingConfig(), torch.Generator().manual_seed(0), length=length)
     peak = _status_mib("VmHWM")
     queue.put((peak, peak - before))
 
 
-def peak_memory(size: str, batch: int, length: int, threads: int | None) -> tuple[float, float]:
+def peak_memory(size: str, design: str, batch: int, length: int, threads: int | None) -> tuple[float, float]:
     """(peak RSS, its rise during sampling) in MiB, from a fresh process generating one batch."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_child, args=(size, batch, length, threads, queue))
+    proc = ctx.Process(target=_memory_child, args=(size, design, batch, length, threads, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -138,18 +110,20 @@ def data_windows(args, overrides: list[str]):
     else:
         model, spec, test = instantiate(cfg.model)(spec=dm.spec).eval(), dm.spec, dm.datasets["test"]
 
-    def windows(bs: int):
+    def test_windows(bs: int):
         batch = test.__getitems__(list(range(bs)))
         return batch.inputs, float((batch.target_ids >= N_SPECIAL).sum(1).float().mean())
 
-    return model, spec.tokenizer.n_bins, windows
+    return model, spec.tokenizer.n_bins, test_windows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="trained model (checkpoint or registry URI); default: random weights")
-    parser.add_argument("--reference-shapes", choices=sorted(REFERENCE_SIZES),
+    parser.add_argument("--reference-shapes", choices=sorted(DESIGNS),
                         help="the reference implementation's model and context shapes, random weights")
+    parser.add_argument("--design", default="latents+past", choices=list(DESIGNS["full"]),
+                        help="model design at the reference shapes (bench/reference.py)")
     parser.add_argument("--length", type=int, help="force every window to this many tokens (reference shapes: 40)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 8 32 (reference shapes: 1 8 32 256)")
     parser.add_argument("--full-max-batch", type=int, default=None,
@@ -166,14 +140,15 @@ def main() -> None:
     full_max = args.full_max_batch if args.full_max_batch is not None else (8 if ref else max(batch_sizes))
 
     if ref:
-        model, n_bins = reference_model(ref), REFERENCE_BINS
-        windows = lambda bs: (reference_inputs(model.config, bs), None)  # noqa: E731
+        model, n_bins = build(ref, args.design).eval(), N_BINS
+        contexts = lambda bs: (windows(bs, current_real=0), None)  # noqa: E731
         peak = matmul_peak()
-        target = REFERENCE_TOKENS_PER_S[ref] * peak / REFERENCE_PEAK
-        source = (f"reference shapes '{ref}', random weights; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s: the "
-                  f"reference's {REFERENCE_TOKENS_PER_S[ref]} tokens/s scales to {target:.1f}")
+        target = REFERENCE_GENERATION[ref] * peak / REFERENCE_PEAK
+        source = (f"reference shapes '{ref}', design '{args.design}', random weights; fp32 matmul peak "
+                  f"{peak / 1e9:.0f} GFLOP/s: the reference's {REFERENCE_GENERATION[ref]} tokens/s scales to "
+                  f"{target:.1f}")
     else:
-        model, n_bins, windows = data_windows(args, overrides)
+        model, n_bins, contexts = data_windows(args, overrides)
         source = args.model or "default config, random weights"
     c = model.config
     print(f"model: {source}\n  n_embd {c.n_embd}, n_layer {c.n_layer}, "
@@ -189,7 +164,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for bs in batch_sizes:
-        inputs, true = windows(bs)
+        inputs, true = contexts(bs)
         big = ref and bs > 8  # seconds to minutes per run: one run, no warm-up
         if not big:
             sample_windows(model, inputs, n_bins, length=length)  # warm-up
@@ -208,7 +183,7 @@ def main() -> None:
         else:
             row.append(f"{f'{float(cached.counts.float().mean()):.1f} ({true:.1f})':>21}")
         if args.memory:
-            rss, rise = peak_memory(ref, bs, length, args.threads) if ref else (float("nan"), float("nan"))
+            rss, rise = peak_memory(ref, args.design, bs, length, args.threads) if ref else (float("nan"), float("nan"))
             row += [f"{rss:>12.0f}", f"{rise:>9.0f}"]
         print(" ".join(row), flush=True)
         if not same:

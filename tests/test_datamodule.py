@@ -10,6 +10,7 @@ from neuroformer.data.simulate import SimulationConfig, simulate_recording
 from neuroformer.data.splits import SplitSpec
 from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS, SpikeTokenizer
 from neuroformer.errors import ModelMismatchError, RecordingError
+from neuroformer.models.neuroformer import Neuroformer
 
 ALM = "tests/data/alm_guo2017_anm00239123.nwb"
 
@@ -119,3 +120,30 @@ def test_few_shot_fraction_is_a_seeded_subset_spread_over_the_training_block(sma
     # spread over the block: not the first 10% in time
     assert few_t0.max() > np.quantile(all_t0, 0.8) and few_t0.min() < np.quantile(all_t0, 0.2)
     assert torch.equal(few.datasets["test"].__getitems__([0, 1]).ids, full.datasets["test"].__getitems__([0, 1]).ids)
+
+
+@pytest.mark.parametrize("design", [{}, {"n_context_layer": 0, "n_latents": 8, "past_direct": True}],
+                         ids=["tokens", "latents+past"])
+def test_trimmed_batches_drop_only_all_pad_columns_and_keep_every_output(small_sim_path, design):
+    dm = NWBDataModule(paths=[str(small_sim_path)], behavior=["running_speed"], batch_size=16)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    short = batch.trimmed()
+    T = short.ids.shape[1]
+    # Blocks are sized for the busiest window, so an ordinary batch leaves PAD columns to drop.
+    assert T < batch.ids.shape[1] and short.past_ids.shape[1] < batch.past_ids.shape[1]
+    for full, kept in ((batch.target_ids, short.target_ids), (batch.past_ids, short.past_ids)):
+        n = kept.shape[1]
+        assert torch.equal(full[:, :n], kept) and (full[:, n:] == PAD).all() and (kept[:, -1] != PAD).any()
+    torch.manual_seed(0)
+    model = Neuroformer.build(dm.spec, rate_readout=True, n_embd=32, n_head=4, n_layer=2, **design).eval()
+    with torch.no_grad():
+        a, b = model(batch.inputs, contrastive=True), model(short.inputs, contrastive=True)
+        losses_a = model.losses(a, batch.target_ids, batch.target_dts, batch.counts)
+        losses_b = model.losses(b, short.target_ids, short.target_dts, short.counts)
+    torch.testing.assert_close(b.id_logits, a.id_logits[:, :T], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.log_rates, a.log_rates, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.neural, a.neural, rtol=1e-4, atol=1e-4)
+    assert losses_a.keys() == losses_b.keys() and len(losses_a) == 4
+    for key in losses_a:
+        torch.testing.assert_close(losses_b[key], losses_a[key], rtol=1e-4, atol=1e-5)

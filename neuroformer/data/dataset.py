@@ -68,6 +68,27 @@ class Batch(NamedTuple):
         """The batch with every tensor on ``device``."""
         return Batch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in self))
 
+    def trimmed(self) -> Batch:
+        """The batch without the trailing token columns that are PAD in every row, current (T' <= T)
+        and past (P' <= P) blocks alike.
+
+        Blocks are sized for the busiest window of a recording, so most columns of most batches
+        are PAD. The model masks PAD keys and the losses ignore PAD targets, so the kept
+        positions' logits and the losses are those of the full batch; the step only costs what
+        the batch uses.
+        """
+        t = _used_columns(self.target_ids != PAD)  # targets end with EOS: covers every real token
+        p = _used_columns(self.past_ids != PAD)
+        return self._replace(ids=self.ids[:, :t], dts=self.dts[:, :t], target_ids=self.target_ids[:, :t],
+                             target_dts=self.target_dts[:, :t], past_ids=self.past_ids[:, :p],
+                             past_dts=self.past_dts[:, :p])
+
+
+def _used_columns(real: torch.Tensor) -> int:
+    """1 + the last column of a (B, L) bool tensor that is True in any row (at least 1)."""
+    used = torch.nonzero(real.any(0))
+    return int(used.max()) + 1 if len(used) else 1
+
 
 @dataclass
 class InputSpec:

@@ -242,6 +242,7 @@ class FinetuneTask(NeuroformerTask):
         self.scores[f"{split}_train_mean"].update(squeeze(torch.zeros_like(pred)), squeeze(target))
 
     def step(self, batch: Batch, split: str) -> torch.Tensor:
+        batch = batch.trimmed()
         if self.head is not None:
             out, features = window_features(self.model, batch.inputs)
             pred = self.head(features)

@@ -123,6 +123,7 @@ class PretrainTask(NeuroformerTask):
         return self.model(batch.inputs)
 
     def step(self, batch: Batch, split: str) -> torch.Tensor:
+        batch = batch.trimmed()
         want_contrastive = self.loss_weights.get("contrastive", 0) > 0
         out = self.model(batch.inputs, contrastive=want_contrastive)
         losses = self.model.losses(out, batch.target_ids, batch.target_dts, batch.counts)
