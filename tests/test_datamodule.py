@@ -38,11 +38,16 @@ def test_batches_match_the_spikes_in_the_file(small_sim_path):
         assert sorted(units.tolist()) == sorted(rec.units.spike_units[sel].tolist())
         n = int((batch.target_ids[b] != PAD).sum())
         assert batch.target_ids[b, n - 1] == EOS and n - 1 == sel.sum()
-    # Frames are normalised with training statistics; the last frame is the one on screen at the window's end.
-    stim = rec.stimulus
-    last = stim.index_at(np.array([float(batch.t0[0]) + tok.window - 1e-9]))[0]
-    expected = (stim.read(last, last + 1)[0] - dm.spec.frame_mean) / dm.spec.frame_std
-    np.testing.assert_allclose(batch.frames[0, -1].numpy(), expected, rtol=1e-5, atol=1e-5)
+    # Frames are normalised with training statistics; the last frame is the one on screen at the
+    # window's end, the others the ones before it, each read on its own here.
+    stim, F = rec.stimulus, batch.frames.shape[1]
+    for b in range(B):
+        last = stim.index_at(np.array([float(batch.t0[b]) + tok.window - 1e-9]))[0]
+        expected = (stim.read(last - F + 1, last + 1) - dm.spec.frame_mean) / dm.spec.frame_std
+        np.testing.assert_allclose(batch.frames[b].numpy(), expected, rtol=1e-5, atol=1e-5)
+    # Any indices, in any order, with repeats: the frames one by one.
+    index = np.array([[7, 3, 3], [0, 8, 9]])
+    np.testing.assert_array_equal(stim.take(index), np.stack([[stim.read(i, i + 1)[0] for i in row] for row in index]))
 
 
 def test_two_sessions_share_one_vocabulary(small_sim_path, second_sim_path):

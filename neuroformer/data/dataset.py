@@ -265,12 +265,10 @@ class WindowDataset(torch.utils.data.Dataset):
         """(n, F, H, W): the F frames on screen up to the end of each current window."""
         spec, stim = self.spec, rec.stimulus
         last = stim.index_at(t0 + spec.tokenizer.window - 1e-9)
+        index = last[:, None] + np.arange(1 - spec.n_frames, 1)  # (n, F); < 0: before the first frame
+        shown = index >= 0
         out = np.zeros((len(t0), spec.n_frames, *spec.frame_shape), np.float32)
-        for i, e in enumerate(last):
-            first = e - spec.n_frames + 1
-            lo = max(first, 0)
-            if e >= 0:
-                out[i, lo - first :] = (stim.read(lo, e + 1) - spec.frame_mean) / spec.frame_std
+        out[shown] = (stim.take(index[shown]) - spec.frame_mean) / spec.frame_std
         return out
 
     def _behavior(self, rec: Recording, t0: np.ndarray) -> np.ndarray:

@@ -70,18 +70,35 @@ class FrameSeries:
         return len(self.timestamps)
 
     def _data(self) -> h5py.Dataset:
-        # One handle per process: h5py handles must not cross a fork (DataLoader workers).
+        # One handle per process: h5py handles must not cross a fork (DataLoader workers). The
+        # dataset object is kept too: looking it up by path costs as much as a small read.
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r")[self.dataset]
             self._pid = os.getpid()
-        return self._handle[self.dataset]
+        return self._handle
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Frames ``start..stop-1`` as (stop-start, H, W) float32 (one HDF5 slice read)."""
-        frames = np.asarray(self._data()[start:stop], dtype=np.float32)
+    def _as_frames(self, raw: np.ndarray) -> np.ndarray:
+        frames = np.asarray(raw, dtype=np.float32)
         if frames.ndim == 4:  # (T, H, W, C) colour movie: average the channels
             frames = frames.mean(axis=-1)
         return frames * self.scale
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Frames ``start..stop-1`` as (stop-start, H, W) float32 (one HDF5 slice read)."""
+        return self._as_frames(self._data()[start:stop])
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Frames at ``indices`` (any shape, order and repeats; each in ``0..n_frames-1``) as
+        (*indices.shape, H, W) float32.
+
+        The distinct frames are read as runs of consecutive indices, one HDF5 slice each (a
+        batch's windows overlap or not at all; h5py's point selection is slower than slices).
+        """
+        unique, inverse = np.unique(indices, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(unique) > 1) + 1
+        data = self._data()
+        raw = np.concatenate([data[run[0] : run[-1] + 1] for run in np.split(unique, breaks)])
+        return self._as_frames(raw)[inverse.reshape(indices.shape)]
 
     def index_at(self, times: np.ndarray) -> np.ndarray:
         """Index of the frame on screen at each time (-1 before the first frame)."""
