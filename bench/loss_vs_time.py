@@ -7,9 +7,10 @@ value is timestamped) and prints, per design: steps/s, the validation loss (ID +
 cross-entropy) it reached at the wall times of the others' validations (interpolated), its
 final test metrics, and a plot ``loss_vs_time.png``.
 
-Usage:
+Usage (the original design against the default one):
   python bench/loss_vs_time.py --out outputs/bench/loss_vs_time \\
-      --design tokens= --design "latents=model.n_latents=32 trainer.max_epochs=6"
+      --design "tokens=model.n_latents=0 model.n_context_layer=1 model.past_direct=false" \\
+      --design latents+past=
 Each ``--design NAME=OVERRIDES`` names a design and its Hydra overrides (space separated);
 ``--common`` overrides apply to every run (default: no evaluation, no registration).
 """
@@ -75,7 +76,8 @@ def main() -> None:
 
     metrics = {name: json.loads((args.out / name / "metrics.json").read_text()) for name in designs}
     curves = {name: validation_loss(m) for name, m in metrics.items()}
-    print(f"\n{'design':<10} {'wall s':>7} {'steps/s':>7} {'test id_ce':>10} {'test dt_ce':>10}  "
+    width = max(len(name) for name in designs)
+    print(f"\n{'design':<{width}} {'wall s':>7} {'steps/s':>7} {'test id_ce':>10} {'test dt_ce':>10}  "
           "val loss at the others' validation times")
     for name, m in metrics.items():
         t, loss = curves[name]
@@ -89,7 +91,7 @@ def main() -> None:
                     ours = np.interp(common, t, loss)
                     at_others.append(f"vs {other}: {np.mean(ours - loss_o[: len(common)]):+.4f} mean over "
                                      f"{len(common)} times (<0: ours lower)")
-        print(f"{name:<10} {wall:>7.0f} {steps.max() / wall:>7.2f} "
+        print(f"{name:<{width}} {wall:>7.0f} {steps.max() / wall:>7.2f} "
               f"{m.get('test/id_ce', float('nan')):>10.4f} {m.get('test/dt_ce', float('nan')):>10.4f}  "
               + "; ".join(at_others))
 
