@@ -15,7 +15,9 @@ Designs (``DESIGNS[size][name]``, each at about the reference's parameter count)
 - ``latents``: the context is read once into 32 latents (PerceiverIO), most parameters sit in
   self-attention blocks over those latents, and a few decoder blocks cross-attend to them;
 - ``latents+past``: the same, and the decoder also attends to every past token through one
-  shared key/value projection (the default model's design).
+  shared key/value projection (the default model's design);
+- ``latents+past/2``: the same with half the decoder blocks (their parameters moved to latent
+  blocks): each generated token streams half the weights.
 """
 
 from __future__ import annotations
@@ -41,12 +43,16 @@ DESIGNS = {
         "latents": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23),
         "latents+past": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23,
                              past_direct=True),
+        "latents+past/2": dict(n_embd=256, n_head=8, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=26,
+                               past_direct=True),
     },
     "small": {
         "tokens": dict(n_embd=128, n_head=4, n_layer=5),
         "latents": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6),
         "latents+past": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6,
                              past_direct=True),
+        "latents+past/2": dict(n_embd=128, n_head=4, n_layer=1, n_context_layer=0, n_latents=32, n_latent_layer=7,
+                               past_direct=True),
     },
 }
 

@@ -1,6 +1,6 @@
 """Training throughput on the reference Neuroformer's own shapes, at its parameter counts.
 
-Builds the designs of ``bench/reference.py`` (tokens, latents, latents+past) at the reference's
+Builds the designs of ``bench/reference.py`` (tokens, latents, latents+past, latents+past/2) at the reference's
 shapes and parameter counts (full: width 256, 8 heads, 25.1M parameters; small: width 128, 4
 heads, 2.65M) and compares them with the reference's measured training speed as fractions of
 the matmul peak (198 GFLOP/s on the reference's machine, measured here in the same run). The
@@ -103,7 +103,7 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak (measured): {peak / 1e9:.0f} GFLOP/s; reference machine {REFERENCE_PEAK / 1e9:.0f}; "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    header = (f"{'size':<6} {'design':<12} {'params':>7} {'GFLOP/step':>10} {'windows/s':>9} {'GFLOP/s':>8} "
+    header = (f"{'size':<6} {'design':<14} {'params':>7} {'GFLOP/step':>10} {'windows/s':>9} {'GFLOP/s':>8} "
               f"{'of peak':>7} {'vs reference':>12} {'peak memory':>11}")
     for size in args.sizes:
         ref_rate, ref_params = REFERENCE_TRAINING[size]
@@ -124,7 +124,7 @@ def main() -> None:
             achieved = flops[name] / step_s
             params = sum(p.numel() for p in t.model.parameters())
             speedup = (rate / peak) / (ref_rate / REFERENCE_PEAK)
-            print(f"{size:<6} {name:<12} {params / 1e6:>6.2f}M {flops[name] / 1e9:>10.1f} {rate:>9.1f} "
+            print(f"{size:<6} {name:<14} {params / 1e6:>6.2f}M {flops[name] / 1e9:>10.1f} {rate:>9.1f} "
                   f"{achieved / 1e9:>8.1f} {achieved / peak:>7.1%} {speedup:>11.2f}x {memory[name] / 2**20:>9.0f} MiB")
     print(f"\npeak re-measured at the end: {matmul_peak() / 1e9:.0f} GFLOP/s")
 
