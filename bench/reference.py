@@ -37,23 +37,23 @@ TRAINING_BATCH = 8
 REFERENCE_PEAK = 198e9  # fp32 matmul FLOP/s of the machine the reference was measured on
 REFERENCE_TRAINING = {"full": (4.6, 25.1e6), "small": (29.8, 2.65e6)}  # windows/s, parameters
 REFERENCE_GENERATION = {"full": 16.6, "small": 83.5}  # tokens/s at batch 1, a full forward per token
-DESIGNS = {
-    "full": {
-        "tokens": dict(n_embd=256, n_head=8, n_layer=20),
-        "latents": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23),
-        "latents+past": dict(n_embd=256, n_head=8, n_layer=4, n_context_layer=0, n_latents=32, n_latent_layer=23,
-                             past_direct=True),
-        "latents+past/2": dict(n_embd=256, n_head=8, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=26,
-                               past_direct=True),
-    },
-    "small": {
-        "tokens": dict(n_embd=128, n_head=4, n_layer=5),
-        "latents": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6),
-        "latents+past": dict(n_embd=128, n_head=4, n_layer=2, n_context_layer=0, n_latents=32, n_latent_layer=6,
-                             past_direct=True),
-        "latents+past/2": dict(n_embd=128, n_head=4, n_layer=1, n_context_layer=0, n_latents=32, n_latent_layer=7,
-                               past_direct=True),
-    },
+
+
+def _designs(width: int, heads: int, token_layers: int, latent: tuple[int, int], half: tuple[int, int]) -> dict:
+    """The four designs of one size; ``latent`` and ``half`` are (decoder blocks, latent blocks)."""
+    base = dict(n_embd=width, n_head=heads)
+    with_latents = dict(base, n_context_layer=0, n_latents=32)
+    return {
+        "tokens": dict(base, n_layer=token_layers),
+        "latents": dict(with_latents, n_layer=latent[0], n_latent_layer=latent[1]),
+        "latents+past": dict(with_latents, n_layer=latent[0], n_latent_layer=latent[1], past_direct=True),
+        "latents+past/2": dict(with_latents, n_layer=half[0], n_latent_layer=half[1], past_direct=True),
+    }
+
+
+DESIGNS = {  # each at about the reference's parameter count (25.1M full, 2.65M small)
+    "full": _designs(256, 8, token_layers=20, latent=(4, 23), half=(2, 26)),
+    "small": _designs(128, 4, token_layers=5, latent=(2, 6), half=(1, 7)),
 }
 
 
