@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
+from neuroformer.callbacks.ema import WeightEMA
 from neuroformer.data.dataset import Batch, InputSpec
 from neuroformer.data.tokenizer import PAD, SOS
 from neuroformer.inference.evaluation import EvaluationConfig
@@ -97,6 +98,8 @@ class PretrainTask(NeuroformerTask):
             (the rate read-out's Poisson loss, nats per true spike; used if the model has the read-out).
         lr, weight_decay, betas: AdamW settings (decay on matrices only).
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio * lr``.
+        ema_decay: > 0: validation, test, checkpoints and the registry get an exponential moving
+            average of the weights with this decay per step (``callbacks.ema.WeightEMA``); 0: the raw weights.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class PretrainTask(NeuroformerTask):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        ema_decay: float = 0.0,
     ):
         super().__init__()
         self.model, self.spec = model, spec
@@ -121,6 +125,9 @@ class PretrainTask(NeuroformerTask):
 
     def forward(self, batch: Batch):
         return self.model(batch.inputs)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [WeightEMA(self.hparams.ema_decay)] if self.hparams.ema_decay else []
 
     def step(self, batch: Batch, split: str) -> torch.Tensor:
         batch = batch.trimmed()
