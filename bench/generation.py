@@ -11,7 +11,7 @@ Two kinds of input:
   recording the data config names); the last column compares generated with true spikes per window.
 - ``--reference-shapes full|small``: the reference implementation's shapes (``bench/reference.py``)
   with random weights and random-but-valid contexts, in the ``--design`` given (default
-  ``latents+past``, the default model's; ``tokens`` is the reference's layout). Windows are
+  ``latents+past/2``, the default model's; ``tokens`` is the reference's layout). Windows are
   forced to ``--length`` tokens (default 40); batches above 8 are timed once, without warm-up, and
   the full forward pass once per batch size. The ratio column is tokens/s over the reference's
   batch-1 tokens/s (full 16.6, small 83.5, measured on a machine whose fp32 matmul peak was
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--model", help="trained model (checkpoint or registry URI); default: random weights")
     parser.add_argument("--reference-shapes", choices=sorted(DESIGNS),
                         help="the reference implementation's model and context shapes, random weights")
-    parser.add_argument("--design", default="latents+past", choices=list(DESIGNS["full"]),
+    parser.add_argument("--design", default="latents+past/2", choices=list(DESIGNS["full"]),
                         help="model design at the reference shapes (bench/reference.py)")
     parser.add_argument("--length", type=int, help="force every window to this many tokens (reference shapes: 40)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 8 32 (reference shapes: 1 8 32 256)")

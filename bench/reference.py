@@ -15,9 +15,10 @@ Designs (``DESIGNS[size][name]``, each at about the reference's parameter count)
 - ``latents``: the context is read once into 32 latents (PerceiverIO), most parameters sit in
   self-attention blocks over those latents, and a few decoder blocks cross-attend to them;
 - ``latents+past``: the same, and the decoder also attends to every past token through one
-  shared key/value projection (the default model's design);
+  shared key/value projection;
 - ``latents+past/2``: the same with half the decoder blocks (their parameters moved to latent
-  blocks): each generated token streams half the weights.
+  blocks): each generated token streams half the weights (the default model's design since
+  2026-12-07: 2 decoder and 5 latent blocks).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from neuroformer.data.tokenizer import PAD
 from neuroformer.training import train
 from tests.configs import compose
 
-DECAY = 0.8
+DECAY = 0.4  # the ramp (1 + n) / (10 + n) reaches it at n = 5: both the ramp and the cap are used
 # Deterministic training: no dropout, no contrastive loss, a constant learning rate (so a run
 # stopped after one epoch follows the schedule of the uninterrupted one).
 RUN = ["model.n_embd=32", "model.n_head=2", "model.n_layer=1", "model.patch=[1,8,8]", "model.dropout=0.0",
@@ -39,6 +39,12 @@ class RawWeights(L.Callback):
         RawWeights.history.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
+def ema_step(average: dict, weights: dict, n: int) -> dict:
+    """The average after one more step, ``n`` updates in: the decay ramps up to DECAY as (1 + n) / (10 + n)."""
+    d = min(DECAY, (1 + n) / (10 + n))
+    return {k: d * v + (1 - d) * weights[k] if v.is_floating_point() else weights[k] for k, v in average.items()}
+
+
 def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
@@ -53,9 +59,8 @@ def test_checkpoints_test_and_loader_get_the_average_of_the_trained_weights(smal
 
     # The average, computed here from the raw weights after each step (the first step starts it).
     average = dict(raw[0])
-    for weights in raw[1:]:
-        average = {k: DECAY * average[k] + (1 - DECAY) * weights[k] if v.is_floating_point() else weights[k]
-                   for k, v in average.items()}
+    for n, weights in enumerate(raw[1:], start=1):
+        average = ema_step(average, weights, n)
     for key, value in ckpt["state_dict"].items():
         torch.testing.assert_close(value, average[key], rtol=0, atol=1e-6, msg=key)
     for key, value in ckpt["current_model_state"].items():  # the raw weights, for a resumed fit
@@ -101,9 +106,8 @@ def test_a_resumed_run_trains_its_raw_weights_and_continues_its_average(small_si
         torch.testing.assert_close(RawWeights.start[key], value, rtol=0, atol=0, msg=key)
     # The average went on from the stored one over the new steps.
     average = stopped["state_dict"]
-    for weights in RawWeights.history:
-        average = {k: DECAY * v + (1 - DECAY) * weights[k] if v.is_floating_point() else weights[k]
-                   for k, v in average.items()}
+    for n, weights in enumerate(RawWeights.history, start=5):
+        average = ema_step(average, weights, n)
     for key, value in done["state_dict"].items():
         torch.testing.assert_close(value, average[key], rtol=0, atol=1e-6, msg=key)
 
@@ -112,3 +116,24 @@ def test_a_resumed_run_trains_its_raw_weights_and_continues_its_average(small_si
 def test_decay_outside_zero_one_is_refused(decay):
     with pytest.raises(ValueError, match=r"task\.ema_decay must be in \(0, 1\)"):
         WeightEMA(decay)
+
+
+class GrowsAt(L.Callback):
+    """Adds a parameter to the model before step 3, as callbacks=perforated adds dendrite nodes."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 3 and not hasattr(pl_module.model, "grown"):
+            pl_module.model.grown = torch.nn.Parameter(torch.zeros(2))
+
+
+def test_averaging_stops_when_the_model_grows_and_the_raw_weights_are_kept(small_sim_path, tmp_path, caplog):
+    RawWeights.history = []
+    cfg = compose([*RUN, "trainer.max_epochs=2", "+callbacks.grow._target_=tests.test_ema.GrowsAt"], tmp_path,
+                  sim_path=small_sim_path)
+    with caplog.at_level("INFO"):
+        train(cfg)
+    ckpt = checkpoint(Path(cfg.paths.output_dir))
+    assert "Weight averaging stops after step 4" in caplog.text  # the first step with the grown model
+    assert "current_model_state" not in ckpt and "model.grown" in ckpt["state_dict"]
+    for key, value in ckpt["state_dict"].items():  # the raw weights of the last step
+        torch.testing.assert_close(value, RawWeights.history[-1][key], rtol=0, atol=0, msg=key)

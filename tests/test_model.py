@@ -160,3 +160,20 @@ def test_rate_readout_forecasts_from_the_context_alone_and_learns_counts():
     rates = model.eval().rates(batch.inputs)
     assert (rates[..., N_SPECIAL + 2] > 1.5).all() and (rates[..., N_SPECIAL + 3] < 0.05).all()
     assert "rate_nll" not in make_model().losses(make_model()(batch.inputs), batch.target_ids, batch.target_dts, counts)
+
+
+def test_rate_l2_is_the_squared_weights_of_the_skip_paths_alone():
+    model, batch = make_model(rate_bins=4, rate_skip=2), make_batch()
+    with torch.no_grad():
+        for skip in (model.rate_frames, model.rate_behavior):
+            skip.weight.normal_()
+    counts = torch.ones(3, 4, V)
+    penalty = model.losses(model(batch.inputs), batch.target_ids, batch.target_dts, counts)["rate_l2"]
+    skips = (model.rate_frames.weight, model.rate_behavior.weight)
+    torch.testing.assert_close(penalty, sum(w.square().sum() for w in skips))
+    penalty.backward()
+    for w in skips:
+        torch.testing.assert_close(w.grad, 2 * w.detach())
+    assert model.rate_head.weight.grad is None  # the attention read-out is not penalised
+    no_skip = make_model(rate_bins=4)
+    assert "rate_l2" not in no_skip.losses(no_skip(batch.inputs), batch.target_ids, batch.target_dts, counts)

@@ -26,7 +26,9 @@ which sees the context only: a forecast of the whole window in one pass, trained
 Poisson likelihood of the window's true counts next to the token losses. With ``rate_skip`` its
 log-rates also get a linear function of the (pooled) stimulus frames and of the behaviour
 samples, a direct path for the linear part of the stimulus drive (a receptive field is a
-linear filter) that the attention path need not learn. A symmetric (CLIP-style) contrastive loss aligns a pooled
+linear filter) that the attention path need not learn; ``losses`` returns the L2 norm of its
+weights (``rate_l2``), because a unit the stimulus does not drive otherwise gets a filter fitted
+to noise. A symmetric (CLIP-style) contrastive loss aligns a pooled
 embedding of the current window's spikes with pooled stimulus (and optionally behaviour)
 embeddings, each through its own projection.
 
@@ -682,7 +684,8 @@ class Neuroformer(nn.Module):
             target_ids, target_dts: (B, T) next-token targets ``[s1..sn, EOS, PAD..]``.
             counts: (B, rate_bins, id_vocab_size) true counts of the current window (every spike,
                 none cut), for the rate read-out's Poisson loss ``rate_nll``: nats per true spike
-                (without the log y! constant).
+                (without the log y! constant); with skip paths also ``rate_l2``, the sum of their
+                squared weights.
         """
         losses = {
             "id_ce": F.cross_entropy(out.id_logits.flatten(0, 1), target_ids.flatten(), ignore_index=PAD),
@@ -691,6 +694,9 @@ class Neuroformer(nn.Module):
         if out.log_rates is not None and counts is not None:
             nll = (out.log_rates.exp() - counts * out.log_rates)[..., N_SPECIAL:].sum()
             losses["rate_nll"] = nll / counts.sum().clamp_min(1.0)
+            skips = [m.weight for m in (self.rate_frames, self.rate_behavior) if m is not None]
+            if skips:  # an L2 penalty, as a GLM's: a unit the stimulus does not drive gets no filter from noise
+                losses["rate_l2"] = sum(w.square().sum() for w in skips)
         pairs = [m for m in (out.stimulus, out.behavior) if m is not None]
         if out.neural is not None and pairs and out.neural.shape[0] > 1:
             scale = self.logit_scale.clamp(max=math.log(100.0)).exp()

@@ -94,8 +94,9 @@ class PretrainTask(NeuroformerTask):
     Args:
         model: the Neuroformer to train (built from the data's spec).
         spec: the data's InputSpec; saved in every checkpoint so it can be rebuilt alone.
-        loss_weights: weight of each loss term: ``id_ce``, ``dt_ce``, ``contrastive``, and ``rate_nll``
-            (the rate read-out's Poisson loss, nats per true spike; used if the model has the read-out).
+        loss_weights: weight of each loss term: ``id_ce``, ``dt_ce``, ``contrastive``, ``rate_nll``
+            (the rate read-out's Poisson loss, nats per true spike; used if the model has the read-out)
+            and ``rate_l2`` (the L2 penalty on the read-out's skip paths).
         lr, weight_decay, betas: AdamW settings (decay on matrices only).
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio * lr``.
         ema_decay: > 0: validation, test, checkpoints and the registry get an exponential moving
@@ -127,7 +128,9 @@ class PretrainTask(NeuroformerTask):
         return self.model(batch.inputs)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return [WeightEMA(self.hparams.ema_decay)] if self.hparams.ema_decay else []
+        # Asked again by trainer.test after fit: the fit's average is already attached then.
+        attached = any(isinstance(cb, WeightEMA) for cb in self.trainer.callbacks)
+        return [WeightEMA(self.hparams.ema_decay)] if self.hparams.ema_decay and not attached else []
 
     def step(self, batch: Batch, split: str) -> torch.Tensor:
         batch = batch.trimmed()
