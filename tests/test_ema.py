@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from neuroformer import registry
 from neuroformer.callbacks.ema import WeightEMA
 from neuroformer.data.tokenizer import PAD
+from neuroformer.errors import ConfigError
 from neuroformer.training import train
 from tests.configs import compose
 
@@ -114,7 +115,7 @@ def test_a_resumed_run_trains_its_raw_weights_and_continues_its_average(small_si
 
 @pytest.mark.parametrize("decay", [1.0, -0.5])
 def test_decay_outside_zero_one_is_refused(decay):
-    with pytest.raises(ValueError, match=r"task\.ema_decay must be in \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"task\.ema_decay must be in \(0, 1\)"):
         WeightEMA(decay)
 
 

@@ -8,7 +8,7 @@ the noise of the last hundred steps: on the default recording it adds 0.008 bits
 rate read-out (docs/evaluation.md).
 
 Built on Lightning's ``WeightAveraging``: every checkpoint's ``state_dict`` holds the average
-(so every loader gets it), and a resumed fit gets its raw weights back. Two changes:
+(so every loader gets it), and a resumed fit gets its raw weights back. Three changes:
 
 * after fitting, ``trainer.test(ckpt_path=...)`` keeps the checkpoint's averaged weights (Lightning
   would put the raw ones back whenever the callback holds an average);
@@ -25,10 +25,12 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-import torch
+
+from neuroformer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,12 @@ class WeightEMA(WeightAveraging):
     """EMA of a task's weights, updated after every optimizer step.
 
     Args:
-        decay: weight of the old average at each step, in (0, 1).
+        decay: weight of the old average at each step once the ramp reaches it, in (0, 1).
     """
 
     def __init__(self, decay: float = 0.995):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"task.ema_decay must be in (0, 1) (0: no averaging); got {decay}")
+            raise ConfigError(f"task.ema_decay must be in (0, 1) (0: no averaging); got {decay}")
         super().__init__(use_buffers=True, multi_avg_fn=ramped_ema(decay))
         self.decay = decay
         self.active = True

@@ -100,7 +100,8 @@ class PretrainTask(NeuroformerTask):
         lr, weight_decay, betas: AdamW settings (decay on matrices only).
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio * lr``.
         ema_decay: > 0: validation, test, checkpoints and the registry get an exponential moving
-            average of the weights with this decay per step (``callbacks.ema.WeightEMA``); 0: the raw weights.
+            average of the weights, its decay per step ramping up to this (``callbacks.ema.WeightEMA``);
+            0: the raw weights.
     """
 
     def __init__(
