@@ -156,8 +156,12 @@ def _fit_test_register(cfg: DictConfig, task: Task, datamodule: L.LightningDataM
     if not trainer.is_global_zero:  # test metrics are synced across ranks; rank 0 alone logs and registers
         return _optimized(cfg, metrics)
 
-    # A sharded (DeepSpeed) checkpoint comes back consolidated into a fresh model with full fp32 weights.
-    model = load(best).model if best and is_sharded_checkpoint(best) else task.model
+    # A sharded (DeepSpeed) checkpoint comes back consolidated into a fresh model with full fp32 weights;
+    # buffers set after fit (the read-out calibration of on_test_start) are not in it.
+    model = task.model
+    if best and is_sharded_checkpoint(best):
+        model = load(best).model
+        model.load_state_dict(dict(task.model.named_buffers()), strict=False)
     trained = LoadedModel(model, task.spec, task.family, task.train_config, best)
     logging_run = mlflow_logger is not None and not trainer.fast_dev_run
     model_uri = None

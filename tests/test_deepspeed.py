@@ -32,6 +32,7 @@ from neuroformer.distributed.checkpoints import (
     write_consolidated,
 )
 from neuroformer.distributed.strategies import CPUZeroStrategy, deepspeed_strategy, replace_directory
+from neuroformer.models.calibration import calibrate_readout
 from tests.configs import compose
 from tests.helpers import token_cross_entropy
 
@@ -204,6 +205,12 @@ def test_zero3_offload_on_two_cpu_ranks_tests_best_checkpoint_and_registers_it(s
         assert yaml.safe_load(loaded.train_config)["trainer"]["strategy"]["stage"] == 3
         with torch.no_grad():
             assert torch.equal(loaded.model(batch.inputs).id_logits, expected)
+
+    # The registered model carries the read-out calibration that the validation windows give those weights.
+    assert (from_folder.model.rate_gain == 1).all()
+    calibrate_readout(from_folder.model, datamodule.val_dataloader())
+    torch.testing.assert_close(from_registry.model.rate_gain, from_folder.model.rate_gain)
+    torch.testing.assert_close(from_registry.model.rate_offset, from_folder.model.rate_offset)
 
     # The test metric was computed with those weights: recompute it here in one process.
     assert len(datamodule.datasets["test"]) % 2 == 0  # no window duplicated by the 2-rank sampler

@@ -18,6 +18,7 @@ from neuroformer.data.nwb import read_nwb
 from neuroformer.data.splits import window_starts
 from neuroformer.evaluate import evaluate
 from neuroformer.inference.evaluation import EvaluationConfig
+from neuroformer.models.calibration import calibrate_readout
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig
 from neuroformer.training import train
 from tests.configs import NEUROFORMER_EXPERIMENTS, compose
@@ -65,6 +66,14 @@ def test_short_run_beats_unigram_and_registry_round_trip(small_sim_path, tmp_pat
         expected = reference(batch.inputs)
         got = loaded.model(batch.inputs)
     torch.testing.assert_close(got.id_logits, expected.id_logits, rtol=0, atol=0)
+    # Before testing, the read-out was calibrated on the validation windows: the registered model
+    # carries the gains that calibrating the best checkpoint's model gives.
+    assert (reference.rate_gain == 1).all()
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup()
+    calibrate_readout(reference, datamodule.val_dataloader())
+    torch.testing.assert_close(loaded.model.rate_gain, reference.rate_gain)
+    torch.testing.assert_close(loaded.model.rates(batch.inputs), reference.rates(batch.inputs))
 
     # The run evaluated that model's generations: files in the run folder, the same in its MLflow run,
     # and the numbers `python -m neuroformer.evaluate` gives for the registered model.

@@ -126,6 +126,20 @@ class NeuroformerInput(NamedTuple):
         return NeuroformerInput(*(t.repeat_interleave(n, dim=0) if t is not None else None for t in self))
 
 
+class RatePaths(NamedTuple):
+    """The rate read-out's additive log-rate terms, before calibration.
+
+    Attributes:
+        attention: (B, rate_bins, id_vocab_size) from the SOS position's hidden state (with its bias).
+        stimulus: (B, 1, id_vocab_size) the linear skip path of the pooled frames (zeros without it).
+        behavior: (B, 1, id_vocab_size) the linear skip path of the behaviour (zeros without it).
+    """
+
+    attention: torch.Tensor
+    stimulus: torch.Tensor
+    behavior: torch.Tensor
+
+
 class ModelOutput(NamedTuple):
     """What a forward pass returns.
 
@@ -137,6 +151,7 @@ class ModelOutput(NamedTuple):
         behavior: (B, D) unit-norm contrastive embedding of the behaviour, or None.
         log_rates: (B, rate_bins, id_vocab_size) log expected count of every ID token per dt bin
             of the current window, from the context alone (the rate read-out), or None.
+        rate_paths: the read-out's terms before calibration, when asked for (``forward(rate_paths=True)``).
     """
 
     id_logits: torch.Tensor
@@ -145,6 +160,7 @@ class ModelOutput(NamedTuple):
     stimulus: torch.Tensor | None = None
     behavior: torch.Tensor | None = None
     log_rates: torch.Tensor | None = None
+    rate_paths: RatePaths | None = None
 
 
 class Features(NamedTuple):
@@ -459,6 +475,10 @@ class Neuroformer(nn.Module):
         self.apply(self._init_weights)
         if self.rate_head is not None:
             nn.init.constant_(self.rate_head.bias, RATE_INIT)
+            # Per-unit gains of the attention and stimulus paths and an offset, set after training by
+            # ``models.calibration`` (validation-chosen shrinkage); the identity while training.
+            self.register_buffer("rate_gain", torch.ones(2, cfg.id_vocab_size))
+            self.register_buffer("rate_offset", torch.zeros(cfg.id_vocab_size))
         for skip in (self.rate_frames, self.rate_behavior):
             if skip is not None:
                 nn.init.zeros_(skip.weight)
@@ -472,6 +492,10 @@ class Neuroformer(nn.Module):
         key = prefix + "logit_scale"
         if key in state_dict and state_dict[key].dim() == 0:
             state_dict[key] = state_dict[key].reshape(1)
+        # Models saved before the read-out calibration have none: the identity.
+        if self.rate_head is not None and prefix + "rate_gain" not in state_dict:
+            state_dict[prefix + "rate_gain"] = torch.ones_like(self.rate_gain)
+            state_dict[prefix + "rate_offset"] = torch.zeros_like(self.rate_offset)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -551,31 +575,55 @@ class Neuroformer(nn.Module):
             weights.append(w)
         return Features(self.ln_f(h), weights if need_weights else [], parts)
 
-    def forward(self, x: NeuroformerInput, contrastive: bool = False) -> ModelOutput:
+    def forward(self, x: NeuroformerInput, contrastive: bool = False, rate_paths: bool = False) -> ModelOutput:
         """Next-token logits for every position of the current window.
 
         Args:
             x: ids/dts (B, T), past_ids/past_dts (B, P), frames (B, F, H, W) if the model has a
                 stimulus encoder, behavior (B, S, V) if it has a behaviour one.
             contrastive: also return the unit-norm contrastive embeddings.
+            rate_paths: also return the rate read-out's uncalibrated terms.
         """
         f = self.features(x)
-        out = self.heads(f.hidden, x)
+        out = self.heads(f.hidden, x, rate_paths)
         return self.contrastive_embeddings(x, f, out) if contrastive else out
 
-    def heads(self, hidden: torch.Tensor, x: NeuroformerInput | None = None) -> ModelOutput:
+    def heads(self, hidden: torch.Tensor, x: NeuroformerInput | None = None, rate_paths: bool = False) -> ModelOutput:
         """The ID and dt logits of hidden states (B, T, C) from ``features``, and the rate read-out if any
         (its skip paths read the frames and behaviour of ``x``)."""
         out = ModelOutput(self.id_head(hidden), self.dt_head(hidden))
         if self.rate_head is None:
             return out
-        log_rates = self.rate_head(hidden[:, 0]).view(len(hidden), self.config.rate_bins, -1)  # (B, bins, V) from SOS
+        paths = self.rate_paths(hidden, x)
+        log_rates = (self.rate_gain[0] * paths.attention + self.rate_gain[1] * paths.stimulus + paths.behavior
+                     + self.rate_offset)
+        return out._replace(log_rates=log_rates.clamp(max=MAX_LOG_RATE), rate_paths=paths if rate_paths else None)
+
+    def rate_paths(self, hidden: torch.Tensor, x: NeuroformerInput) -> RatePaths:
+        """The rate read-out's log-rate terms before calibration, from hidden states (B, T, C) and ``x``."""
+        attention = self.rate_head(hidden[:, 0]).view(len(hidden), self.config.rate_bins, -1)  # (B, bins, V) from SOS
+        zero = attention.new_zeros(len(hidden), 1, attention.shape[-1])
+        stimulus = behavior = zero
         if self.rate_frames is not None:
             pooled = F.avg_pool2d(x.frames, self.config.rate_skip)  # (B, F, H/k, W/k)
-            log_rates = log_rates + self.rate_frames(pooled.flatten(1))[:, None]
+            stimulus = self.rate_frames(pooled.flatten(1))[:, None]
         if self.rate_behavior is not None:
-            log_rates = log_rates + self.rate_behavior(x.behavior.nan_to_num(0.0).flatten(1))[:, None]
-        return out._replace(log_rates=log_rates.clamp(max=MAX_LOG_RATE))
+            behavior = self.rate_behavior(x.behavior.nan_to_num(0.0).flatten(1))[:, None]
+        return RatePaths(attention, stimulus, behavior)
+
+    @torch.no_grad()
+    def reset_rate_calibration(self) -> None:
+        """The identity calibration (gains 1, offset 0): a calibration belongs to the weights it was fitted for."""
+        if self.rate_head is not None:
+            self.rate_gain.fill_(1.0)
+            self.rate_offset.zero_()
+
+    @torch.no_grad()
+    def context_rate_paths(self, x: NeuroformerInput) -> RatePaths:
+        """``rate_paths`` of the SOS position: the uncalibrated read-out terms of the context of ``x``."""
+        # Through forward, which a ZeRO-3 engine hooks to gather this module's own parameters.
+        sos = torch.full((len(x.past_ids), 1), SOS, dtype=torch.long, device=x.past_ids.device)
+        return self(x._replace(ids=sos, dts=sos), rate_paths=True).rate_paths
 
     @torch.no_grad()
     def rates(self, x: NeuroformerInput) -> torch.Tensor:

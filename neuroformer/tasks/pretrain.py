@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,13 +14,16 @@ from torchmetrics import MeanMetric
 
 from neuroformer.callbacks.ema import WeightEMA
 from neuroformer.data.dataset import Batch, InputSpec
-from neuroformer.data.tokenizer import PAD, SOS
+from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS
 from neuroformer.inference.evaluation import EvaluationConfig
 from neuroformer.inference.evaluation import evaluate as evaluate_windows
 from neuroformer.metrics.baselines import unigram_cross_entropy
+from neuroformer.models.calibration import calibrate_readout
 from neuroformer.models.neuroformer import Neuroformer, NeuroformerConfig, NeuroformerInput
 from neuroformer.registry.families import LoadedModel, ModelFamily
 from neuroformer.tasks.base import SPLITS, Task
+
+log = logging.getLogger(__name__)
 
 
 class NeuroformerFamily(ModelFamily):
@@ -73,6 +77,10 @@ class NeuroformerTask(Task):
     def windows_in(self, batch: Batch) -> int:
         return len(batch.t0)
 
+    def on_fit_start(self) -> None:
+        # Training moves the weights a calibration was fitted for (a fine-tuned pretrained model, say).
+        self.model.reset_rate_calibration()
+
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
         """Test metrics plus the unigram baseline: each unit's training frequency, on the same tokens."""
         metrics = dict(results)
@@ -102,6 +110,9 @@ class PretrainTask(NeuroformerTask):
         ema_decay: > 0: validation, test, checkpoints and the registry get an exponential moving
             average of the weights, its decay per step ramping up to this (``callbacks.ema.WeightEMA``);
             0: the raw weights.
+        calibrate_readout: before testing, choose each unit's shrinkage of the rate read-out's
+            attention and stimulus paths on the validation windows (``models.calibration``); the
+            tested, registered and evaluated model carries it.
     """
 
     def __init__(
@@ -115,6 +126,7 @@ class PretrainTask(NeuroformerTask):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         ema_decay: float = 0.0,
+        calibrate_readout: bool = False,
     ):
         super().__init__()
         self.model, self.spec = model, spec
@@ -132,6 +144,17 @@ class PretrainTask(NeuroformerTask):
         # Asked again by trainer.test after fit: the fit's average is already attached then.
         attached = any(isinstance(cb, WeightEMA) for cb in self.trainer.callbacks)
         return [WeightEMA(self.hparams.ema_decay)] if self.hparams.ema_decay and not attached else []
+
+    def on_test_start(self) -> None:
+        if not (self.hparams.calibrate_readout and self.model.rate_head is not None):
+            return
+        # The whole validation set on every rank (no distributed sampler): every rank gets the same gains.
+        batches = (self.transfer_batch_to_device(b, self.device, 0) for b in self.trainer.datamodule.val_dataloader())
+        with self.trainer.precision_plugin.forward_context():
+            result = calibrate_readout(self.model, batches)
+        gain = result.gain[:, N_SPECIAL:]
+        log.info("Read-out calibrated on the validation windows: NLL %.4f -> %.4f nats/spike; mean gain "
+                 "attention %.2f, stimulus %.2f", result.nll_before, result.nll_after, *gain.mean(1).tolist())
 
     def step(self, batch: Batch, split: str) -> torch.Tensor:
         batch = batch.trimmed()
