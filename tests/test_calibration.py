@@ -69,3 +69,9 @@ def test_the_model_applies_its_calibration_and_resets_it():
     torch.testing.assert_close(reloaded.rates(batch.inputs), raw)
     model.reset_rate_calibration()
     torch.testing.assert_close(model.rates(batch.inputs), raw)
+
+
+def test_no_validation_windows_leave_the_model_uncalibrated():
+    model = make_model(rate_bins=4, rate_skip=2)
+    assert calibrate_readout(model, []) is None
+    assert (model.rate_gain == 1).all() and (model.rate_offset == 0).all()

@@ -69,15 +69,16 @@ def shrinkage_gains(paths: RatePaths, counts: torch.Tensor, gains: tuple[float, 
 
 
 @torch.no_grad()
-def calibrate_readout(model: Neuroformer, batches: Iterable[Batch]) -> Calibration:
-    """Fit and set ``model``'s read-out calibration on ``batches`` (the validation windows, on the model's device)."""
+def calibrate_readout(model: Neuroformer, batches: Iterable[Batch]) -> Calibration | None:
+    """Fit and set ``model``'s read-out calibration on ``batches`` (the validation windows, on the
+    model's device); None, and the model unchanged, if there are none."""
     collected: list[RatePaths] = []
     counts = []
     for batch in batches:
         collected.append(RatePaths(*(p.float() for p in model.context_rate_paths(batch.inputs))))
         counts.append(batch.counts)
     if not collected:
-        raise ValueError("read-out calibration needs validation windows; there are none")
+        return None
     paths = RatePaths(*(torch.cat(p).cpu() for p in zip(*collected)))
     result = shrinkage_gains(paths, torch.cat(counts).cpu())
     model.rate_gain.copy_(result.gain)

@@ -152,6 +152,9 @@ class PretrainTask(NeuroformerTask):
         batches = (self.transfer_batch_to_device(b, self.device, 0) for b in self.trainer.datamodule.val_dataloader())
         with self.trainer.precision_plugin.forward_context():
             result = calibrate_readout(self.model, batches)
+        if result is None:
+            log.warning("No validation windows: the rate read-out is tested uncalibrated")
+            return
         gain = result.gain[:, N_SPECIAL:]
         log.info("Read-out calibrated on the validation windows: NLL %.4f -> %.4f nats/spike; mean gain "
                  "attention %.2f, stimulus %.2f", result.nll_before, result.nll_after, *gain.mean(1).tolist())
