@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import numpy as np
+import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import MLFlowLogger
@@ -30,7 +31,7 @@ from neuroformer.callbacks.progress import output_is_terminal
 from neuroformer.distributed.checkpoints import checkpoint_metadata, is_sharded_checkpoint
 from neuroformer.distributed.plugins import cluster_plugins
 from neuroformer.errors import ConfigError
-from neuroformer.files import write_json
+from neuroformer.files import atomic_path, write_json
 from neuroformer.registry import LoadedModel, load, log_model
 from neuroformer.registry.families import CARD_KEY
 from neuroformer.registry.tracking import log_run_config, use_tracking_uri
@@ -156,12 +157,15 @@ def _fit_test_register(cfg: DictConfig, task: Task, datamodule: L.LightningDataM
     if not trainer.is_global_zero:  # test metrics are synced across ranks; rank 0 alone logs and registers
         return _optimized(cfg, metrics)
 
-    # A sharded (DeepSpeed) checkpoint comes back consolidated into a fresh model with full fp32 weights;
-    # buffers set after fit (the read-out calibration of on_test_start) are not in it.
+    # Buffers set after fit (the read-out calibration of on_test_start) go into the best checkpoint
+    # file, so that it is the model that was tested. A sharded (DeepSpeed) folder is left as it is: it
+    # comes back consolidated into a fresh model with full fp32 weights, which gets them here.
     model = task.model
     if best and is_sharded_checkpoint(best):
         model = load(best).model
         model.load_state_dict(dict(task.model.named_buffers()), strict=False)
+    elif best:
+        _store_buffers(best, task)
     trained = LoadedModel(model, task.spec, task.family, task.train_config, best)
     logging_run = mlflow_logger is not None and not trainer.fast_dev_run
     model_uri = None
@@ -202,6 +206,18 @@ def _fit_test_register(cfg: DictConfig, task: Task, datamodule: L.LightningDataM
         *([f"Evaluation:  {out_dir / 'evaluation'} ({_headline(task, evaluation['metrics'])})"] if evaluation else []),
     ]) + "\n")
     return _optimized(cfg, metrics)
+
+
+def _store_buffers(path: str, task: Task) -> None:
+    """Write ``task``'s buffers into the checkpoint file at ``path`` (atomically) where they differ from it."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    changed = {name: buffer.detach().cpu() for name, buffer in task.named_buffers()
+               if name in state and not torch.equal(state[name], buffer.detach().cpu())}
+    if changed:
+        state.update(changed)
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 def _optimized(cfg: DictConfig, metrics: dict[str, float]) -> float:

@@ -151,7 +151,7 @@ class ModelOutput(NamedTuple):
         behavior: (B, D) unit-norm contrastive embedding of the behaviour, or None.
         log_rates: (B, rate_bins, id_vocab_size) log expected count of every ID token per dt bin
             of the current window, from the context alone (the rate read-out), or None.
-        rate_paths: the read-out's terms before calibration, when asked for (``forward(rate_paths=True)``).
+        rate_paths: the read-out's terms before calibration, when asked for (``forward(with_rate_paths=True)``).
     """
 
     id_logits: torch.Tensor
@@ -575,20 +575,21 @@ class Neuroformer(nn.Module):
             weights.append(w)
         return Features(self.ln_f(h), weights if need_weights else [], parts)
 
-    def forward(self, x: NeuroformerInput, contrastive: bool = False, rate_paths: bool = False) -> ModelOutput:
+    def forward(self, x: NeuroformerInput, contrastive: bool = False, with_rate_paths: bool = False) -> ModelOutput:
         """Next-token logits for every position of the current window.
 
         Args:
             x: ids/dts (B, T), past_ids/past_dts (B, P), frames (B, F, H, W) if the model has a
                 stimulus encoder, behavior (B, S, V) if it has a behaviour one.
             contrastive: also return the unit-norm contrastive embeddings.
-            rate_paths: also return the rate read-out's uncalibrated terms.
+            with_rate_paths: also return the rate read-out's uncalibrated terms.
         """
         f = self.features(x)
-        out = self.heads(f.hidden, x, rate_paths)
+        out = self.heads(f.hidden, x, with_rate_paths)
         return self.contrastive_embeddings(x, f, out) if contrastive else out
 
-    def heads(self, hidden: torch.Tensor, x: NeuroformerInput | None = None, rate_paths: bool = False) -> ModelOutput:
+    def heads(self, hidden: torch.Tensor, x: NeuroformerInput | None = None,
+              with_rate_paths: bool = False) -> ModelOutput:
         """The ID and dt logits of hidden states (B, T, C) from ``features``, and the rate read-out if any
         (its skip paths read the frames and behaviour of ``x``)."""
         out = ModelOutput(self.id_head(hidden), self.dt_head(hidden))
@@ -597,7 +598,7 @@ class Neuroformer(nn.Module):
         paths = self.rate_paths(hidden, x)
         log_rates = (self.rate_gain[0] * paths.attention + self.rate_gain[1] * paths.stimulus + paths.behavior
                      + self.rate_offset)
-        return out._replace(log_rates=log_rates.clamp(max=MAX_LOG_RATE), rate_paths=paths if rate_paths else None)
+        return out._replace(log_rates=log_rates.clamp(max=MAX_LOG_RATE), rate_paths=paths if with_rate_paths else None)
 
     def rate_paths(self, hidden: torch.Tensor, x: NeuroformerInput) -> RatePaths:
         """The rate read-out's log-rate terms before calibration, from hidden states (B, T, C) and ``x``."""
@@ -618,12 +619,18 @@ class Neuroformer(nn.Module):
             self.rate_gain.fill_(1.0)
             self.rate_offset.zero_()
 
+    def _read_out(self, x: NeuroformerInput, with_paths: bool = False) -> ModelOutput:
+        """The forward pass of the SOS token alone: the rate read-out of the context of ``x``."""
+        if self.rate_head is None:
+            raise ConfigError("this Neuroformer has no rate read-out (train it with model.rate_readout=true)")
+        # Through forward, which a ZeRO-3 engine hooks to gather this module's own parameters.
+        sos = torch.full((len(x.past_ids), 1), SOS, dtype=torch.long, device=x.past_ids.device)
+        return self(x._replace(ids=sos, dts=sos), with_rate_paths=with_paths)
+
     @torch.no_grad()
     def context_rate_paths(self, x: NeuroformerInput) -> RatePaths:
         """``rate_paths`` of the SOS position: the uncalibrated read-out terms of the context of ``x``."""
-        # Through forward, which a ZeRO-3 engine hooks to gather this module's own parameters.
-        sos = torch.full((len(x.past_ids), 1), SOS, dtype=torch.long, device=x.past_ids.device)
-        return self(x._replace(ids=sos, dts=sos), rate_paths=True).rate_paths
+        return self._read_out(x, with_paths=True).rate_paths
 
     @torch.no_grad()
     def rates(self, x: NeuroformerInput) -> torch.Tensor:
@@ -631,10 +638,7 @@ class Neuroformer(nn.Module):
 
         Read from the context of ``x`` only (its current tokens are not used); needs the rate read-out.
         """
-        if self.rate_head is None:
-            raise ConfigError("this Neuroformer has no rate read-out (train it with model.rate_readout=true)")
-        sos = torch.full((len(x.past_ids), 1), SOS, dtype=torch.long, device=x.past_ids.device)
-        return self(x._replace(ids=sos, dts=sos)).log_rates.exp()
+        return self._read_out(x).log_rates.exp()
 
     def contrastive_embeddings(self, x: NeuroformerInput, f: Features, out: ModelOutput) -> ModelOutput:
         """``out`` with the unit-norm contrastive embeddings of the window's modalities."""
