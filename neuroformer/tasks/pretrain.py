@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from neuroformer.callbacks.ema import WeightEMA
 from neuroformer.data.dataset import Batch, InputSpec
 from neuroformer.data.tokenizer import N_SPECIAL, PAD, SOS
+from neuroformer.errors import ConfigError
 from neuroformer.inference.evaluation import EvaluationConfig
 from neuroformer.inference.evaluation import evaluate as evaluate_windows
 from neuroformer.metrics.baselines import unigram_cross_entropy
@@ -129,6 +130,8 @@ class PretrainTask(NeuroformerTask):
         calibrate_readout: bool = False,
     ):
         super().__init__()
+        if not isinstance(calibrate_readout, bool):
+            raise ConfigError(f"task.calibrate_readout must be true or false; got {calibrate_readout!r}")
         self.model, self.spec = model, spec
         self.loss_weights = dict(loss_weights or {"id_ce": 1.0, "dt_ce": 1.0, "contrastive": 0.1})
         self.save_hyperparameters(ignore=["model", "spec"])
