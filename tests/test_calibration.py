@@ -43,7 +43,7 @@ def test_gains_drop_a_noise_filter_shrink_an_overdispersed_path_and_keep_a_true_
     torch.testing.assert_close(calibrated.mean((0, 1)), raw.mean((0, 1)), atol=1e-5, rtol=0)
 
 
-def test_the_model_applies_its_calibration_and_resets_it():
+def test_the_model_applies_its_calibration():
     model = make_model(rate_bins=4, rate_skip=2)
     with torch.no_grad():
         for skip in (model.rate_frames, model.rate_behavior):
@@ -68,8 +68,6 @@ def test_the_model_applies_its_calibration_and_resets_it():
     reloaded = Neuroformer(model.config).eval()
     reloaded.load_state_dict(old)
     torch.testing.assert_close(reloaded.rates(batch.inputs), raw)
-    model.reset_rate_calibration()
-    torch.testing.assert_close(model.rates(batch.inputs), raw)
 
 
 def test_no_validation_windows_leave_the_model_uncalibrated():

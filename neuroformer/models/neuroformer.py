@@ -475,8 +475,8 @@ class Neuroformer(nn.Module):
         self.apply(self._init_weights)
         if self.rate_head is not None:
             nn.init.constant_(self.rate_head.bias, RATE_INIT)
-            # Per-unit gains of the attention and stimulus paths and an offset, set after training by
-            # ``models.calibration`` (validation-chosen shrinkage); the identity while training.
+            # Per-unit gains of the attention and stimulus paths and an offset, chosen before each test by
+            # ``models.calibration`` (validation-chosen shrinkage); the identity until then.
             self.register_buffer("rate_gain", torch.ones(2, cfg.id_vocab_size))
             self.register_buffer("rate_offset", torch.zeros(cfg.id_vocab_size))
         for skip in (self.rate_frames, self.rate_behavior):
@@ -611,13 +611,6 @@ class Neuroformer(nn.Module):
         if self.rate_behavior is not None:
             behavior = self.rate_behavior(x.behavior.nan_to_num(0.0).flatten(1))[:, None]
         return RatePaths(attention, stimulus, behavior)
-
-    @torch.no_grad()
-    def reset_rate_calibration(self) -> None:
-        """The identity calibration (gains 1, offset 0): a calibration belongs to the weights it was fitted for."""
-        if self.rate_head is not None:
-            self.rate_gain.fill_(1.0)
-            self.rate_offset.zero_()
 
     def _read_out(self, x: NeuroformerInput, with_paths: bool = False) -> ModelOutput:
         """The forward pass of the SOS token alone: the rate read-out of the context of ``x``."""

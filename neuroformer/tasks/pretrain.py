@@ -78,10 +78,6 @@ class NeuroformerTask(Task):
     def windows_in(self, batch: Batch) -> int:
         return len(batch.t0)
 
-    def on_fit_start(self) -> None:
-        # Training moves the weights a calibration was fitted for (a fine-tuned pretrained model, say).
-        self.model.reset_rate_calibration()
-
     def summarize(self, results: dict[str, float], datamodule: L.LightningDataModule) -> dict[str, float]:
         """Test metrics plus the unigram baseline: each unit's training frequency, on the same tokens."""
         metrics = dict(results)
