@@ -22,9 +22,14 @@ builds the model and contexts, resets its resident-set high-water mark, samples 
 reports the mark (``VmHWM``: peak RSS, model included) and its rise over the RSS before sampling
 (what the batch's generation itself added: context encoding, caches, activations, workspace).
 
+``--compile`` adds ``sample_windows(compile=True)`` (inductor programs for ``start_decoding``
+and ``decode_tokens``): the first call's seconds, which include compiling for that batch size
+(inductor's on-disk cache makes later processes faster), then its tokens/s; the bench stops if
+its samples differ from the eager ones.
+
 Usage: python bench/generation.py [--model CKPT|models:/NAME@ALIAS] [--reference-shapes full|small]
        [--design tokens|latents|latents+past]
-       [--length N] [--batch-sizes 1 8 32 256] [--full-max-batch 8] [--memory] [--threads N]
+       [--length N] [--batch-sizes 1 8 32 256] [--full-max-batch 8] [--memory] [--threads N] [--compile]
        [hydra overrides]
 """
 
@@ -46,13 +51,15 @@ from reference import DESIGNS, N_BINS, REFERENCE_GENERATION, REFERENCE_PEAK, bui
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def timed_generation(model, inputs, n_bins: int, use_cache: bool, repeats: int, length: int | None):
+def timed_generation(model, inputs, n_bins: int, use_cache: bool, repeats: int, length: int | None,
+                     compile: bool = False):
     """Median seconds over ``repeats`` runs with the same seed, and the last run's samples."""
     times = []
     for _ in range(repeats):
         generator = torch.Generator().manual_seed(0)
         t = time.perf_counter()
-        out = sample_windows(model, inputs, n_bins, SamplingConfig(), generator, use_cache=use_cache, length=length)
+        out = sample_windows(model, inputs, n_bins, SamplingConfig(), generator, use_cache=use_cache, length=length,
+                             compile=compile)
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
 
@@ -131,6 +138,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory", action="store_true", help="peak RSS per batch size, one fresh process each")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time sample_windows(compile=True): the first call's seconds (compiling) and tokens/s")
     args, overrides = parser.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,6 +168,7 @@ def main() -> None:
     cols = [f"{'batch':>5}", f"{'tokens':>7}", f"{'steps':>5}", f"{'cache tok/s':>12}", f"{'full tok/s':>11}",
             f"{'speed-up':>9}", f"{'same':>5}"]
     cols += [f"{'vs ref':>7}"] if ref else [f"{'spikes/window (true)':>21}"]
+    cols += [f"{'compile s':>9}", f"{'compiled tok/s':>14}"] + ([f"{'vs ref':>7}"] if ref else []) if args.compile else []
     cols += [f"{'peak RSS MiB':>12}", f"{'rise MiB':>9}"] if args.memory else []
     header = " ".join(cols)
     print(header)
@@ -182,12 +192,21 @@ def main() -> None:
             row.append(f"{tokens / cached_s / target:>6.1f}x")
         else:
             row.append(f"{f'{float(cached.counts.float().mean()):.1f} ({true:.1f})':>21}")
+        if args.compile:
+            t = time.perf_counter()
+            sample_windows(model, inputs, n_bins, length=length, compile=True)  # compiles for this batch size
+            first_s = time.perf_counter() - t
+            compiled_s, compiled = timed_generation(model, inputs, n_bins, True, 1 if big else args.repeats, length,
+                                                    compile=True)
+            same = same and torch.equal(cached.ids, compiled.ids) and torch.equal(cached.dts, compiled.dts)
+            row += [f"{first_s:>9.1f}", f"{tokens / compiled_s:>14.0f}"]
+            row += [f"{tokens / compiled_s / target:>6.1f}x"] if ref else []
         if args.memory:
             rss, rise = peak_memory(ref, args.design, bs, length, args.threads) if ref else (float("nan"), float("nan"))
             row += [f"{rss:>12.0f}", f"{rise:>9.0f}"]
         print(" ".join(row), flush=True)
         if not same:
-            raise SystemExit("cached and full-forward sampling drew different tokens")
+            raise SystemExit("cached, full-forward and compiled sampling drew different tokens")
 
 
 if __name__ == "__main__":

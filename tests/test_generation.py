@@ -256,3 +256,20 @@ def test_cli_writes_the_generated_spikes(sim_setup, small_sim_path, tmp_path, ca
     assert set(np.unique(saved["sample"])) <= {0, 1} and len(saved["unit_names"]) == 40
     assert saved["units"].max() < 40
     assert "generated spikes per sample" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_decoding_draws_the_eager_samples():
+    """sample_windows(compile=True) runs inductor programs of start_decoding and decode_tokens; same samples."""
+    model, batch = _long_window_model(), make_batch(b=3)
+    run = lambda compile: sample_windows(  # noqa: E731
+        model, batch.inputs, N_BINS, SamplingConfig(), torch.Generator().manual_seed(1), compile=compile)
+    eager, compiled = run(False), run(True)
+    assert compiled.counts.min() > 2  # several decoding steps, each a new position
+    assert torch.equal(compiled.ids, eager.ids) and torch.equal(compiled.dts, eager.dts)
+    with torch.no_grad():  # new weights: the kept programs read them, they did not bake the old ones in
+        model.id_head.weight.mul_(4.0)
+        model.blocks[0].mlp[0].bias.add_(0.5)
+    eager2, compiled2 = run(False), run(True)
+    assert not torch.equal(eager2.ids, eager.ids)
+    assert torch.equal(compiled2.ids, eager2.ids) and torch.equal(compiled2.dts, eager2.dts)

@@ -181,7 +181,8 @@ class Features(NamedTuple):
 class DecoderCache:
     """Incremental-decoding state of one batch of windows (``Neuroformer.start_decoding``).
 
-    Every buffer is allocated once per batch; ``decode_step`` writes into it in place.
+    Every buffer is allocated once per batch and keeps its shape; ``decode_step`` writes into it
+    in place. Fixed shapes are what let ``torch.compile`` make one decoding step for every position.
 
     Attributes:
         cross_kv: per decoder block, the context's cross-attention keys and values, each
@@ -193,8 +194,11 @@ class DecoderCache:
         keep: (B, T) additive attention mask of the current tokens as keys: 0 where a fed token is
             not PAD, -inf where it is PAD and beyond ``length``.
         causal: (T, T) additive causal mask: 0 on and below the diagonal, -inf above.
+        positions: (T,) the positions 0..T-1, whose slices index the positions being fed.
         qkv: per decoder block, the self-attention's query, key and value projections as one
             (3C, C) weight and (3C,) bias (its ``q`` and ``kv`` concatenated: one matmul per step).
+        heads: (C, V_id + V_dt) the ID and dt heads' weights side by side, transposed (one
+            matmul per step, in the layout a single row multiplies fastest).
         length: number of current-window tokens fed so far.
     """
 
@@ -203,7 +207,9 @@ class DecoderCache:
     self_kv: list[torch.Tensor]
     keep: torch.Tensor
     causal: torch.Tensor
+    positions: torch.Tensor
     qkv: list[tuple[torch.Tensor, torch.Tensor]]
+    heads: torch.Tensor
     length: int = 0
 
 
@@ -327,20 +333,21 @@ class DecoderBlock(nn.Module):
         self,
         x: torch.Tensor,
         self_kv: torch.Tensor,
-        start: int,
+        positions: torch.Tensor,
         self_mask: torch.Tensor,
         qkv: tuple[torch.Tensor, torch.Tensor],
         cross_kv: tuple[torch.Tensor, torch.Tensor],
         cross_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """``forward`` on n new tokens at positions ``start..start+n-1``, writing their keys/values in place.
+        """``forward`` on n new tokens at ``positions``, writing their keys/values in place.
 
         Args:
             x: (B, n, C) the new tokens' residual stream.
-            self_kv: (2, B, h, T, C/h) self-attention keys/values; positions below ``start`` hold the
-                earlier tokens', the new ones are written at ``start..start+n-1``.
-            self_mask: (B, 1, n, start + n) which earlier and new tokens each new one may attend to
-                (bool, or additive: 0 or -inf).
+            self_kv: (2, B, h, T, C/h) self-attention keys/values of a whole block; the new ones
+                are written at ``positions``.
+            positions: (n,) int64, where the new tokens go.
+            self_mask: (B, 1, n, T) additive (0 or -inf): which tokens each new one may attend to;
+                -inf at every position not fed yet.
             qkv: the self-attention's fused projection (``Attention.fused_qkv``).
             cross_kv, cross_mask: as in ``forward``.
 
@@ -348,11 +355,10 @@ class DecoderBlock(nn.Module):
             (B, n, C) output.
         """
         B, n, C = x.shape
-        attn, end = self.self_attn, start + n
+        attn = self.self_attn
         qkv_heads = F.linear(self.ln1(x), *qkv).view(B, n, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
-        self_kv[:, :, :, start:end] = qkv_heads[1:]  # keys and values in one copy
-        q = qkv_heads[0]  # (B, h, n, C/h)
-        y = F.scaled_dot_product_attention(q, self_kv[0, :, :, :end], self_kv[1, :, :, :end], attn_mask=self_mask)
+        self_kv.index_copy_(3, positions, qkv_heads[1:])  # keys and values in one copy
+        y = F.scaled_dot_product_attention(qkv_heads[0], self_kv[0], self_kv[1], attn_mask=self_mask)
         x = x + attn.proj(y.transpose(1, 2).reshape(B, n, C))
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, cross_mask)[0]
         return x + self.mlp(self.ln3(x))
@@ -682,10 +688,12 @@ class Neuroformer(nn.Module):
             # Contiguous copies: SDPA reads views strided across heads and keys/values 2-3x slower.
             cross_kv=[tuple(t.contiguous() for t in kv) for kv in cross_kv],
             cross_mask=additive(keep_ctx[:, None, None, :]),
-            self_kv=[k0.new_empty(shape) for _ in self.blocks],
+            self_kv=[k0.new_zeros(shape) for _ in self.blocks],
             keep=k0.new_full((B, T), float("-inf")),
             causal=additive(torch.ones(T, T, dtype=torch.bool, device=k0.device).tril()),
+            positions=torch.arange(T, device=k0.device),
             qkv=[block.self_attn.fused_qkv() for block in self.blocks],
+            heads=torch.cat([self.id_head.weight, self.dt_head.weight]).t().contiguous(),
         )
 
     def decode_step(
@@ -706,19 +714,32 @@ class Neuroformer(nn.Module):
             id_logits (B, n, id_vocab_size) and dt_logits (B, n, dt_vocab_size).
         """
         L, n = cache.length, ids.shape[1]
-        end = L + n
-        if end > self.config.block_size:
+        if L + n > self.config.block_size:
             raise ValueError(f"decode_step: {L} + {n} tokens exceed the block size {self.config.block_size}")
-        cache.keep[:, L:end].masked_fill_(ids != PAD, 0.0)
-        self_mask = cache.keep[:, None, None, :end]  # (B, 1, 1, L + n): one new token sees every earlier one
-        if n > 1:
-            self_mask = self_mask + cache.causal[L:end, :end]  # (B, 1, n, L + n)
-        x = self.embed(ids, dts, self.current_pos[L:])
+        id_logits, dt_logits = self.decode_tokens(cache, ids, dts, cache.positions[L : L + n])
+        cache.length = L + n
+        return id_logits, dt_logits
+
+    def decode_tokens(
+        self, cache: DecoderCache, ids: torch.Tensor, dts: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_step`` with the positions given as a tensor, (n,) int64, and ``cache.length`` left alone.
+
+        Every shape depends on B and n only, never on the position, so ``torch.compile`` of this
+        method makes one program for every step of a window (``sample_windows(compile=True)``).
+        """
+        keep_new = torch.zeros(ids.shape, dtype=cache.keep.dtype, device=ids.device).masked_fill_(ids == PAD, float("-inf"))
+        cache.keep.index_copy_(1, positions, keep_new)
+        # Keys over the whole block: positions not fed yet are -inf in ``keep``; with several new
+        # tokens the causal rows keep each from seeing the later ones.
+        self_mask = cache.keep[:, None, None, :]  # (B, 1, 1, T)
+        if ids.shape[1] > 1:
+            self_mask = self_mask + cache.causal.index_select(0, positions)  # (B, 1, n, T)
+        x = self.embed(ids, dts, self.current_pos.index_select(0, positions))
         for block, self_kv, qkv, cross_kv in zip(self.blocks, cache.self_kv, cache.qkv, cache.cross_kv):
-            x = block.decode(x, self_kv, L, self_mask, qkv, cross_kv, cache.cross_mask)
-        x = self.ln_f(x)
-        cache.length = end
-        return self.id_head(x), self.dt_head(x)
+            x = block.decode(x, self_kv, positions, self_mask, qkv, cross_kv, cache.cross_mask)
+        logits = self.ln_f(x) @ cache.heads
+        return logits[..., : self.config.id_vocab_size], logits[..., self.config.id_vocab_size :]
 
     def losses(self, out: ModelOutput, target_ids: torch.Tensor, target_dts: torch.Tensor,
                counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
