@@ -33,6 +33,7 @@ CLI: ``python -m neuroformer.inference.generate --help``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from neuroformer.data.splits import window_starts
 from neuroformer.data.tokenizer import EOS, N_SPECIAL, PAD, SOS
 from neuroformer.errors import ConfigError, RecordingError
 from neuroformer.files import atomic_path
-from neuroformer.models.neuroformer import Neuroformer, NeuroformerInput
+from neuroformer.models.neuroformer import DecoderCache, Neuroformer, NeuroformerInput
 from neuroformer.registry import load
 
 NEG_INF = float("-inf")
@@ -174,46 +175,88 @@ def id_constraint(new_dt: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def _cached_logits(model: Neuroformer, x: NeuroformerInput, compile: bool = False) -> Callable:
-    start, decode = compiled_decoding(model) if compile else (model.start_decoding, model.decode_tokens)
+class Masks(NamedTuple):
+    """The constraints as additive masks (0 or -inf), built once per call and looked up each step.
+
+    Attributes:
+        dt: (V_dt, V_dt) row d: the dt tokens that may follow a spike of dt token d (PAD/SOS/EOS
+            rows: anything from bin 0, as at the start).
+        spike: (V_id,) the ID tokens that may go with a spike's dt.
+        eos: (V_id,) those that may go with a dt EOS (EOS only).
+    """
+
+    dt: torch.Tensor
+    spike: torch.Tensor
+    eos: torch.Tensor
+
+
+def draw_tokens(id_logits: torch.Tensor, dt_logits: torch.Tensor, prev_dt: torch.Tensor, gumbel: torch.Tensor,
+                masks: Masks, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next ID and dt token of each row, (B,) each: the dt first, then the ID given it.
+
+    Args:
+        id_logits, dt_logits: (B, V_id), (B, V_dt) the step's logits.
+        prev_dt: (B,) the previous dt token.
+        gumbel: (B, V_dt + V_id) standard Gumbel noise (``GumbelNoise``).
+    """
+    n_dt = dt_logits.shape[-1]
+    new_dt = draw(dt_logits + masks.dt.index_select(0, prev_dt), sampling, gumbel[:, :n_dt])
+    id_mask = torch.where((new_dt == EOS)[:, None], masks.eos, masks.spike)
+    return draw(id_logits + id_mask, sampling, gumbel[:, n_dt:]), new_dt
+
+
+def _decode_and_draw(model: Neuroformer, cache: DecoderCache, ids: torch.Tensor, dts: torch.Tensor,
+                     positions: torch.Tensor, gumbel: torch.Tensor, masks: Masks, sampling: SamplingConfig
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached step: feed (B, 1) tokens at ``positions`` (1,) and draw the next ID and dt, (B,) each."""
+    id_logits, dt_logits = model.decode_tokens(cache, ids, dts, positions)
+    return draw_tokens(id_logits[:, 0], dt_logits[:, 0], dts[:, 0], gumbel, masks, sampling)
+
+
+def _cached_steps(model: Neuroformer, x: NeuroformerInput, masks: Masks, sampling: SamplingConfig,
+                  compile: bool) -> Callable:
+    start, decode_and_draw = compiled_decoding(model) if compile else (model.start_decoding, _decode_and_draw)
     cache = start(x)
 
-    def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        id_logits, dt_logits = decode(cache, ids[:, t : t + 1], dts[:, t : t + 1], cache.positions[t : t + 1])
-        return id_logits[:, 0], dt_logits[:, 0]
+    def step(ids: torch.Tensor, dts: torch.Tensor, t: int, gumbel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_and_draw(model, cache, ids[:, t : t + 1], dts[:, t : t + 1], cache.positions[t : t + 1],
+                               gumbel, masks, sampling)
 
     return step
 
 
-def _full_forward_logits(model: Neuroformer, x: NeuroformerInput) -> Callable:
-    def step(ids: torch.Tensor, dts: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _full_forward_steps(model: Neuroformer, x: NeuroformerInput, masks: Masks, sampling: SamplingConfig) -> Callable:
+    def step(ids: torch.Tensor, dts: torch.Tensor, t: int, gumbel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x._replace(ids=ids, dts=dts))
-        return out.id_logits[:, t], out.dt_logits[:, t]
+        return draw_tokens(out.id_logits[:, t], out.dt_logits[:, t], dts[:, t], gumbel, masks, sampling)
 
     return step
 
 
 # Inductor with its C++ wrapper (no Python between the kernels) and autotuned matrix products:
-# what pays at batch 1, where a step is ~30 operators on a single row.
+# what pays at batch 1, where a step is ~40 operators on a single row.
 _INDUCTOR = {"cpp_wrapper": True, "max_autotune": True}
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled start_decoding
 
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled_decoding
+@functools.cache
+def _compiled_step() -> Callable:
+    return torch.compile(_decode_and_draw, fullgraph=True, dynamic=False, options=_INDUCTOR)
 
 
 def compiled_decoding(model: Neuroformer) -> tuple[Callable, Callable]:
-    """``model.start_decoding`` and ``model.decode_tokens`` compiled by inductor, made once per model.
+    """``model.start_decoding`` and a decoding step with its draw (``_decode_and_draw``), compiled by inductor.
 
-    ``decode_tokens``'s shapes depend on the batch size only, so one program serves every step of
-    every window of that size. ``start_decoding``'s depend also on the longest past window
-    of the batch; after a second length it is compiled for any length. Each costs seconds
-    to compile on first use (cached on disk by inductor for later processes). The wrappers are
-    kept per model: making them costs about a millisecond, as much as encoding a window.
+    The step's shapes depend on the batch size only, so one program serves every step of every
+    window of that size (and sampling settings). ``start_decoding``'s depend also on the
+    longest past window of the batch; after a second length it is compiled for any length.
+    Each costs seconds to compile on first use (cached on disk by inductor for later
+    processes). The wrappers are made once: making one costs about a millisecond, as much as
+    encoding a window.
     """
     if model not in _COMPILED:
-        _COMPILED[model] = (torch.compile(model.start_decoding, options=_INDUCTOR),
-                            torch.compile(model.decode_tokens, fullgraph=True, dynamic=False, options=_INDUCTOR))
-    return _COMPILED[model]
+        _COMPILED[model] = torch.compile(model.start_decoding, options=_INDUCTOR)
+    return _COMPILED[model], _compiled_step()
 
 
 @torch.inference_mode()  # no autograd bookkeeping: ~12% faster per step than no_grad on CPU
@@ -241,9 +284,9 @@ def sample_windows(
             token (the reference implementation; identical samples, much slower).
         length: if given, every window gets exactly ``length`` spikes: EOS is never drawn and
             sampling stops after ``length`` steps (fixed-work benchmarks); at most ``block_size - 1``.
-        compile: encode and decode with ``compiled_decoding`` (inductor; needs a C++ compiler;
-            the first call for a batch size compiles, about half a minute). Pays in long runs at
-            small batches, where a step is bound by per-operator overhead.
+        compile: encode, decode and draw with ``compiled_decoding`` (inductor; needs a C++
+            compiler; the first call for a batch size compiles, about half a minute). Pays in
+            long runs at batch 1, where a step is bound by per-operator overhead.
 
     Returns:
         GeneratedWindows with (B, block_size) token tensors.
@@ -258,37 +301,29 @@ def sample_windows(
     if unit_tokens is not None:
         allowed[N_SPECIAL:] = False
         allowed[unit_tokens] = True
-    # The constraints as tables of additive masks, looked up each step. Row d of dt_mask: what may
-    # follow a spike of dt token d (PAD/SOS/EOS rows: anything from bin 0, as at the start).
     dt_ok = dt_constraint((torch.arange(cfg.dt_vocab_size, device=device) - N_SPECIAL).clamp(min=0), n_bins,
                           cfg.dt_vocab_size)
     if length is not None:
         dt_ok[:, EOS] = False
-    dt_mask = additive_mask(dt_ok, dtype)  # (V_dt, V_dt)
-    id_mask = additive_mask(id_constraint(torch.tensor([N_SPECIAL, EOS], device=device), allowed), dtype)
-    spike_mask, eos_mask = id_mask  # (V_id,) after a spike's dt, after a dt EOS
+    spike_mask, eos_mask = additive_mask(id_constraint(torch.tensor([N_SPECIAL, EOS], device=device), allowed), dtype)
+    masks = Masks(additive_mask(dt_ok, dtype), spike_mask, eos_mask)
     ids = torch.full((B, T), PAD, dtype=torch.long, device=device)
     dts = torch.full((B, T), PAD, dtype=torch.long, device=device)
     ids[:, 0], dts[:, 0] = SOS, SOS
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     noise = GumbelNoise((B, cfg.dt_vocab_size + cfg.id_vocab_size), generator, device)
-    logits_at = _cached_logits(model, x, compile) if use_cache else _full_forward_logits(model, x)
+    step = _cached_steps(model, x, masks, sampling, compile) if use_cache else _full_forward_steps(model, x, masks, sampling)
     steps = 0
     for t in range(T - 1 if length is None else length):  # position t predicts token t + 1; a block holds T - 1 spikes
-        id_logits, dt_logits = logits_at(ids, dts, t)
+        new_id, new_dt = step(ids, dts, t, noise.next())
         steps += 1
-        gumbel = noise.next()
-        dt_gumbel, id_gumbel = gumbel[:, : cfg.dt_vocab_size], gumbel[:, cfg.dt_vocab_size :]
-        new_dt = draw(dt_logits + dt_mask.index_select(0, dts[:, t]), sampling, dt_gumbel)
         if length is None:
-            eos = new_dt == EOS
-            new_id = draw(id_logits + torch.where(eos[:, None], eos_mask, spike_mask), sampling, id_gumbel)
-            ended |= eos
-            ids[:, t + 1], dts[:, t + 1] = new_id.masked_fill_(ended, PAD), new_dt.masked_fill_(ended, PAD)
-            if ended.all():
-                break
-        else:
-            ids[:, t + 1], dts[:, t + 1] = draw(id_logits + spike_mask, sampling, id_gumbel), new_dt
+            ended |= new_dt == EOS
+            new_id.masked_fill_(ended, PAD)
+            new_dt.masked_fill_(ended, PAD)
+        ids[:, t + 1], dts[:, t + 1] = new_id, new_dt
+        if length is None and ended.all():
+            break
     counts = (ids[:, 1:] != PAD).sum(1)
     return GeneratedWindows(ids, dts, counts, ended, steps)
 

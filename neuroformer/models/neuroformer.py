@@ -357,7 +357,7 @@ class DecoderBlock(nn.Module):
         B, n, C = x.shape
         attn = self.self_attn
         qkv_heads = F.linear(self.ln1(x), *qkv).view(B, n, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
-        self_kv.index_copy_(3, positions, qkv_heads[1:])  # keys and values in one copy
+        self_kv[:, :, :, positions] = qkv_heads[1:]  # keys and values in one copy (in place, also when compiled)
         y = F.scaled_dot_product_attention(qkv_heads[0], self_kv[0], self_kv[1], attn_mask=self_mask)
         x = x + attn.proj(y.transpose(1, 2).reshape(B, n, C))
         x = x + self.cross_attn.attend(self.ln2(x), *cross_kv, cross_mask)[0]
@@ -729,7 +729,7 @@ class Neuroformer(nn.Module):
         method makes one program for every step of a window (``sample_windows(compile=True)``).
         """
         keep_new = torch.zeros(ids.shape, dtype=cache.keep.dtype, device=ids.device).masked_fill_(ids == PAD, float("-inf"))
-        cache.keep.index_copy_(1, positions, keep_new)
+        cache.keep[:, positions] = keep_new
         # Keys over the whole block: positions not fed yet are -inf in ``keep``; with several new
         # tokens the causal rows keep each from seeing the later ones.
         self_mask = cache.keep[:, None, None, :]  # (B, 1, 1, T)
