@@ -27,6 +27,7 @@ Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/
 
 Usage:
     OMP_NUM_THREADS=1 python bench/mds.py [--out DIR] [--seeds 0 1 2] [--no-run] [--no-scaling]
+        [--twin OVERRIDE ...] [--tag SUFFIX]
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ class TrueModel(nn.Module):
         return torch.exp(self.log_baseline + drive) * self.spec.response_window
 
 
-def train_twin(out: Path, population: str, max_epochs: int) -> Path:
-    """Train the twin of ``population`` into ``out``; returns its best checkpoint."""
+def train_twin(out: Path, population: str, max_epochs: int, overrides: list[str]) -> Path:
+    """Train the twin of ``population`` into ``out`` (with extra Hydra ``overrides``); returns its best checkpoint."""
     cmd = [sys.executable, "train.py", "experiment=twin", f"data.simulate.population={population}",
-           f"trainer.max_epochs={max_epochs}",
+           f"trainer.max_epochs={max_epochs}", *overrides,
            "logger=none", "registry.register=false", f"paths.output_root={out}", f"hydra.run.dir={out}/run"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -237,6 +238,8 @@ def main() -> None:
     p.add_argument("--no-run", action="store_true", help="reuse the trained twins in OUT")
     p.add_argument("--max-epochs", type=int, default=8, help="twin training epochs (experiment=twin: 8)")
     p.add_argument("--no-scaling", action="store_true")
+    p.add_argument("--twin", nargs="*", default=[], metavar="OVERRIDE",
+                   help="Hydra overrides of the twin's training run, e.g. model.readout=mask")
     p.add_argument("--min-separation", type=float, default=MDSConfig.min_separation, help="MDSConfig.min_separation")
     p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
     p.add_argument("--true-model", action="store_true",
@@ -247,7 +250,7 @@ def main() -> None:
     for population, k in zip(args.populations, args.n_clusters):
         out = args.out / population
         checkpoint = (Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"])
-                      if args.no_run else train_twin(out, population, args.max_epochs))
+                      if args.no_run else train_twin(out, population, args.max_epochs, args.twin))
         twin = json.loads((out / "run" / "metrics.json").read_text())
         results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
                                "start_clusters": k, "rows": evaluate_population(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,87 @@ def test_centred_twin_sees_at_the_middle_what_each_unit_sees_at_its_field():
             shift = (centres[u] - torch.tensor([12, 12])).tolist()
             moved = blob.roll(tuple(shift), (2, 3))
             torch.testing.assert_close(centred.predict_responses(blob)[0, u], twin.predict_responses(moved)[0, u])
+
+
+def _gaussian_twin(height: int, width: int, centres: list[tuple[int, int]], width_px: float = 1.5) -> Twin:
+    twin = Twin(TwinConfig(n_frames=2, height=height, width=width, n_units=len(centres), channels=4,
+                           readout="gaussian")).eval()
+    with torch.no_grad():
+        twin.centre.copy_(torch.tensor(centres, dtype=torch.float32) / twin._frame_scale() - 1)
+        twin.log_width.fill_(math.log(width_px))
+    return twin
+
+
+def test_gaussian_readout_is_a_normalised_blob_at_its_centre():
+    twin = _gaussian_twin(16, 20, [(4, 5), (11, 14)])  # non-square frames
+    masks = twin.spatial_masks()
+    assert masks.shape == (2, 16, 20)
+    torch.testing.assert_close(masks.sum((1, 2)), torch.ones(2))
+    peaks = masks.flatten(1).argmax(1)
+    assert (peaks // 20).tolist() == [4, 11] and (peaks % 20).tolist() == [5, 14]
+    torch.testing.assert_close(twin.centre_pixels(), torch.tensor([[4.0, 5.0], [11.0, 14.0]]))
+    assert twin.readout_l1() == 0  # local by construction: no L1 penalty
+    with pytest.raises(ValueError, match="readout"):
+        Twin(TwinConfig(n_frames=2, height=8, width=8, n_units=1, readout="spline"))
+
+
+def test_place_readouts_finds_every_units_receptive_field():
+    """Units driven by a blurred pixel at a known place: the spike-triggered average puts each blob there."""
+    torch.manual_seed(0)
+    fields = [(3, 4), (8, 15), (12, 9)]
+    stimulus = torch.randn(6000, 2, 16, 20)
+    rows, cols = torch.arange(16.0)[:, None], torch.arange(20.0)[None, :]
+    drive = torch.stack([(stimulus[:, -1] * torch.exp(-((rows - r) ** 2 + (cols - c) ** 2) / 2)).sum((1, 2))
+                         for r, c in fields], dim=1)  # (N, U)
+    counts = torch.poisson(torch.exp(0.3 * drive - 1.0))
+    twin = _gaussian_twin(16, 20, [(8, 10)] * 3)  # every blob starts in the middle
+    twin.place_readouts(stimulus, counts)
+    torch.testing.assert_close(twin.centre_pixels(), torch.tensor(fields, dtype=torch.float32))
+    masked = Twin(TwinConfig(n_frames=2, height=16, width=20, n_units=3, channels=4))
+    before = masked.mask.clone()
+    masked.place_readouts(stimulus, counts)  # a free-mask readout has no centre to place
+    assert torch.equal(masked.mask, before)
+
+
+def test_centred_gaussian_twin_sees_at_the_middle_what_each_unit_sees_at_its_field():
+    torch.manual_seed(0)
+    twin = _gaussian_twin(24, 24, [(7, 8), (15, 16)])
+    reference = torch.randn(16, 2, 24, 24)
+    centres = twin.receptive_field_centres(reference)
+    centred = twin.centred(reference)
+    torch.testing.assert_close(centred.centre_pixels(), twin.centre_pixels() + (torch.tensor([12, 12]) - centres))
+    blob = torch.zeros(1, 2, 24, 24)
+    blob[..., 10:14, 10:14] = torch.randn(2, 4, 4)
+    with torch.no_grad():
+        for u in range(2):
+            moved = blob.roll(tuple((centres[u] - torch.tensor([12, 12])).tolist()), (2, 3))
+            torch.testing.assert_close(centred.predict_responses(blob)[0, u], twin.predict_responses(moved)[0, u],
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_a_fresh_gaussian_readout_starts_at_each_units_receptive_field(small_sim_path):
+    """TwinTask places the blobs before training (spike-triggered averages): at the simulated
+    ON and OFF units' true receptive-field centres, where the random start is far off."""
+    import lightning as L
+
+    from neuroformer.data.simulate import load_ground_truth
+    from neuroformer.tasks.twin import TwinTask
+
+    torch.manual_seed(0)
+    dm = ResponseDataModule(paths=[str(small_sim_path)], n_frames=3)
+    dm.setup()
+    task = TwinTask(Twin.build(dm.spec, channels=4, readout="gaussian"), dm.spec)
+    start = task.model.centre_pixels().detach().clone()
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(task, datamodule=dm)
+    truth, names = load_ground_truth(small_sim_path), read_nwb(small_sim_path).units.names
+    row = np.array([list(names).index(u) for u in dm.spec.units])
+    fields = np.abs(truth.receptive_fields[row])  # (U, H, W), the model's unit order
+    true = np.stack(np.divmod(fields.reshape(len(row), -1).argmax(1), fields.shape[2]), axis=1)
+    centre_surround = np.isin(truth.cell_types[row], ["ON", "OFF"])
+    placed = np.linalg.norm(task.model.centre_pixels().detach().numpy() - true, axis=1)[centre_surround]
+    random = np.linalg.norm(start.numpy() - true, axis=1)[centre_surround]
+    assert np.median(placed) <= 1.5 and np.median(random) > 5
 
 
 # --------------------------------------------------------------------------- end to end

@@ -25,6 +25,7 @@ by what they respond to rather than where (the MDS tools use it when present).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -53,6 +54,9 @@ class TwinConfig:
         layers: convolutions in the core.
         kernel: first (spatiotemporal) convolution's size; hidden_kernel: the others'.
         nonlinearity: the output's, "softplus" or "exp".
+        readout: "mask", a free spatial mask per unit (H x W weights), or "gaussian", a
+            Gaussian blob per unit (a centre and a width: 3 numbers), which leaves a unit
+            nothing but its feature weights to be idiosyncratic in.
         mean_count: (U,) initial output per unit (its training mean), so training starts at
             the mean-rate predictor.
     """
@@ -66,6 +70,7 @@ class TwinConfig:
     kernel: int = 9
     hidden_kernel: int = 5
     nonlinearity: str = "softplus"
+    readout: str = "mask"
     mean_count: tuple[float, ...] = ()
 
 
@@ -76,6 +81,8 @@ class Twin(nn.Module):
         super().__init__()
         if config.nonlinearity not in ("softplus", "exp"):
             raise ValueError(f"nonlinearity must be 'softplus' or 'exp'; got {config.nonlinearity!r}")
+        if config.readout not in ("mask", "gaussian"):
+            raise ValueError(f"readout must be 'mask' or 'gaussian'; got {config.readout!r}")
         self.config = c = config
         convs, in_ch = [], c.n_frames
         for i in range(c.layers):
@@ -83,7 +90,15 @@ class Twin(nn.Module):
             convs.append(nn.Conv2d(in_ch, c.channels, k, padding=k // 2))
             in_ch = c.channels
         self.core = nn.ModuleList(convs)
-        self.mask = nn.Parameter(torch.randn(c.n_units, c.height, c.width) / (c.height * c.width))
+        if c.readout == "mask":
+            self.mask = nn.Parameter(torch.randn(c.n_units, c.height, c.width) / (c.height * c.width))
+        else:
+            # Centres (row, column) in [-1, 1] frame coordinates (as grid_sample's), so that an
+            # optimiser step moves every centre by a similar fraction of the frame; spread over the
+            # frame. Widths (pixels) start broad, a quarter of the frame, so every unit's blob
+            # overlaps its receptive field and can move to it.
+            self.centre = nn.Parameter(torch.rand(c.n_units, 2) * 2 - 1)
+            self.log_width = nn.Parameter(torch.full((c.n_units,), math.log(min(c.height, c.width) / 4)))
         self.features = nn.Parameter(torch.randn(c.channels, c.n_units) / c.channels**0.5)
         mean = torch.tensor(c.mean_count, dtype=torch.float32) if c.mean_count else torch.full((c.n_units,), 0.3)
         mean = mean.clamp_min(1e-3)
@@ -108,9 +123,51 @@ class Twin(nn.Module):
             x = F.elu(conv(x))
         return x
 
+    def spatial_masks(self) -> torch.Tensor:
+        """(U, H, W) each unit's spatial readout weights: its free mask, or its Gaussian (summing to 1)."""
+        if self.config.readout == "mask":
+            return self.mask
+        rows = torch.arange(self.config.height, dtype=self.centre.dtype, device=self.centre.device)
+        cols = torch.arange(self.config.width, dtype=self.centre.dtype, device=self.centre.device)
+        centre = self.centre_pixels()
+        d2 = (rows[None, :, None] - centre[:, 0, None, None]) ** 2 + (cols[None, None, :] - centre[:, 1, None, None]) ** 2
+        width = self.log_width.exp().clamp_min(0.5)[:, None, None]
+        blob = torch.exp(-d2 / (2 * width**2))
+        return blob / blob.sum((1, 2), keepdim=True)
+
+    @torch.no_grad()
+    def place_readouts(self, stimulus: torch.Tensor, counts: torch.Tensor) -> None:
+        """Put each Gaussian readout's centre where its unit's spike-triggered average is strongest.
+
+        Gradient descent moves a blob only as far as the feature maps under it correlate with the
+        unit, so a blob started away from its receptive field can stall there; the
+        spike-triggered average of the training clips (the counts' covariance with every pixel,
+        its square summed over frames, 3 x 3 box-smoothed) finds the receptive field directly.
+
+        Args:
+            stimulus: (N, T, H, W) training clips (z-scored).
+            counts: (N, U) their spike counts.
+        """
+        if self.config.readout != "gaussian":
+            return
+        centred = counts - counts.mean(0)
+        sta = torch.einsum("nthw,nu->uthw", stimulus - stimulus.mean(0), centred) / len(counts)  # (U, T, H, W)
+        energy = F.avg_pool2d(sta.square().sum(1, keepdim=True), 3, 1, 1, count_include_pad=False).flatten(1)
+        peak = energy.argmax(1)
+        pixels = torch.stack([peak // self.config.width, peak % self.config.width], dim=1).to(self.centre.dtype)
+        self.centre.copy_(pixels / self._frame_scale() - 1)
+
+    def _frame_scale(self) -> torch.Tensor:
+        """(2,) pixels per unit of the [-1, 1] frame coordinates, (rows, columns)."""
+        return torch.tensor([(self.config.height - 1) / 2, (self.config.width - 1) / 2], device=self.centre.device)
+
+    def centre_pixels(self) -> torch.Tensor:
+        """(U, 2) Gaussian readout centres, (row, column) in pixels."""
+        return (self.centre + 1) * self._frame_scale()
+
     def forward(self, stimulus: torch.Tensor) -> torch.Tensor:
         """(B, T, H, W) z-scored clips -> (B, U) expected spike counts in the response window."""
-        pooled = torch.einsum("bchw,uhw->bcu", self.core_features(stimulus), self.mask)  # (B, C, U)
+        pooled = torch.einsum("bchw,uhw->bcu", self.core_features(stimulus), self.spatial_masks())  # (B, C, U)
         drive = (pooled * self.features).sum(1) + self.bias  # (B, U)
         return torch.exp(drive) if self.config.nonlinearity == "exp" else F.softplus(drive)
 
@@ -144,9 +201,12 @@ class Twin(nn.Module):
         shift = (middle - centres).tolist()
         twin = copy.deepcopy(self)
         with torch.no_grad():
-            twin.mask.copy_(torch.stack([m.roll(tuple(d), (0, 1)) for m, d in zip(self.mask, shift)]))
+            if self.config.readout == "mask":
+                twin.mask.copy_(torch.stack([m.roll(tuple(d), (0, 1)) for m, d in zip(self.mask, shift)]))
+            else:
+                twin.centre.add_(torch.tensor(shift, dtype=twin.centre.dtype, device=twin.centre.device) / self._frame_scale())
         return twin
 
     def readout_l1(self) -> torch.Tensor:
-        """Mean absolute spatial-mask weight (sparse, localised masks)."""
-        return self.mask.abs().mean()
+        """Mean absolute spatial-mask weight (sparse, localised masks); 0 for Gaussian readouts, local by design."""
+        return self.mask.abs().mean() if self.config.readout == "mask" else self.features.new_zeros(())

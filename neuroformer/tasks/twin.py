@@ -140,7 +140,22 @@ class TwinTask(Task):
                  weight_decay: float = 0.0, warmup_steps: int = 50, min_lr_ratio: float = 0.05):
         super().__init__()
         self.model, self.spec = model, spec
+        self.placed = False
         self.save_hyperparameters(ignore=["model", "spec"])
+
+    def on_fit_start(self) -> None:
+        # A fresh Gaussian readout starts at each unit's spike-triggered average (Twin.place_readouts);
+        # a resumed or fine-tuned one keeps its place.
+        if self.model.config.readout != "gaussian" or self.trainer.global_step > 0 or self.placed:
+            return
+        clips, counts = [], []
+        for batch in self.trainer.datamodule.train_dataloader():
+            clips.append(batch.stimulus)
+            counts.append(batch.counts)
+            if sum(len(c) for c in counts) >= 8192:
+                break
+        self.model.place_readouts(torch.cat(clips).to(self.device), torch.cat(counts).to(self.device))
+        self.placed = True
 
     def step(self, batch: ResponseBatch, split: str) -> torch.Tensor:
         nll = poisson_nll(self.model(batch.stimulus), batch.counts)
