@@ -107,7 +107,7 @@ def test_gaussian_readout_is_a_normalised_blob_at_its_centre():
     assert (peaks // 20).tolist() == [4, 11] and (peaks % 20).tolist() == [5, 14]
     torch.testing.assert_close(twin.centre_pixels(), torch.tensor([[4.0, 5.0], [11.0, 14.0]]))
     assert twin.readout_l1() == 0  # local by construction: no L1 penalty
-    with pytest.raises(ValueError, match="readout"):
+    with pytest.raises(ConfigError, match="model.readout"):
         Twin(TwinConfig(n_frames=2, height=8, width=8, n_units=1, readout="spline"))
 
 

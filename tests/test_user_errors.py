@@ -68,6 +68,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     (["data.split.n_blocks=2"], r"data.split.n_blocks must be >= 3"),
     (["task.ema_decay=1.5"], r"task.ema_decay must be in \(0, 1\) \(0: no averaging\); got 1.5"),
     (["task.calibrate_readout=often"], r"task.calibrate_readout must be true or false; got 'often'"),
+    (["experiment=twin", "model.readout=spline"], r"model.readout must be .mask. or .gaussian.; got .spline."),
     (["experiment=finetune_speed", "task.pretrained=models:/no-such-model/1"],
      r"models:/no-such-model/1: cannot be loaded from the MLflow tracking server"),
 ])

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neuroformer.errors import ConfigError
+
 
 @runtime_checkable
 class ResponseModel(Protocol):
@@ -80,9 +82,9 @@ class Twin(nn.Module):
     def __init__(self, config: TwinConfig):
         super().__init__()
         if config.nonlinearity not in ("softplus", "exp"):
-            raise ValueError(f"nonlinearity must be 'softplus' or 'exp'; got {config.nonlinearity!r}")
+            raise ConfigError(f"model.nonlinearity must be 'softplus' or 'exp'; got {config.nonlinearity!r}")
         if config.readout not in ("mask", "gaussian"):
-            raise ValueError(f"readout must be 'mask' or 'gaussian'; got {config.readout!r}")
+            raise ConfigError(f"model.readout must be 'mask' or 'gaussian'; got {config.readout!r}")
         self.config = c = config
         convs, in_ch = [], c.n_frames
         for i in range(c.layers):
