@@ -123,6 +123,7 @@ def test_place_readouts_finds_every_units_receptive_field():
     twin = _gaussian_twin(16, 20, [(8, 10)] * 3)  # every blob starts in the middle
     twin.place_readouts(stimulus, counts)
     torch.testing.assert_close(twin.centre_pixels(), torch.tensor(fields, dtype=torch.float32))
+    torch.testing.assert_close(twin.log_width.exp(), torch.full((3,), 1.6))  # a tenth of the frame, in place
     masked = Twin(TwinConfig(n_frames=2, height=16, width=20, n_units=3, channels=4))
     before = masked.mask.clone()
     masked.place_readouts(stimulus, counts)  # a free-mask readout has no centre to place

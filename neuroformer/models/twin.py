@@ -11,6 +11,13 @@ into one number per unit, made positive by softplus or exp:
 The clip's frames are the first convolution's input channels, so the first layer is a bank
 of spatiotemporal filters (motion and temporal shape are visible to it).
 
+``mask_u`` is either a free H x W mask (``readout="mask"``) or a normalised Gaussian blob with
+a learned centre and width (``readout="gaussian"``, the configured default; Lurz et al. 2021
+use a point version). A Gaussian leaves a unit three spatial numbers instead of H x W, so
+units of one type differ only where their feature weights do; that is what clustering by
+optimised stimuli needs (docs/mds.md). Blobs are placed before training at each unit's
+spike-triggered average (``place_readouts``).
+
 **The response-model protocol.** ``predict_responses(stimulus) -> rates`` with ``stimulus``
 (B, T, H, W) in the model's input units (z-scored pixels, see ``ResponseSpec``) and ``rates``
 (B, U), differentiable in the stimulus. Anything with that method can be optimised by
@@ -145,6 +152,7 @@ class Twin(nn.Module):
         unit, so a blob started away from its receptive field can stall there; the
         spike-triggered average of the training clips (the counts' covariance with every pixel,
         its square summed over frames, 3 x 3 box-smoothed) finds the receptive field directly.
+        The widths are set to a tenth of the frame.
 
         Args:
             stimulus: (N, T, H, W) training clips (z-scored).
@@ -158,6 +166,9 @@ class Twin(nn.Module):
         peak = energy.argmax(1)
         pixels = torch.stack([peak // self.config.width, peak % self.config.width], dim=1).to(self.centre.dtype)
         self.centre.copy_(pixels / self._frame_scale() - 1)
+        # In place, a blob needs no reach: start it at a tenth of the frame (3 px of 32, about
+        # where trained widths end), not at the broad width that lets an unplaced blob find its field.
+        self.log_width.fill_(math.log(min(self.config.height, self.config.width) / 10))
 
     def _frame_scale(self) -> torch.Tensor:
         """(2,) pixels per unit of the [-1, 1] frame coordinates, (rows, columns)."""
