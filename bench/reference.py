@@ -60,10 +60,15 @@ DESIGNS = {  # each at about the reference's parameter count (25.1M full, 2.65M 
 
 def build(size: str, design: str, seed: int = 0) -> Neuroformer:
     """Our model at the reference shapes with random weights, in training mode."""
+    return build_sized(DESIGNS[size][design], seed)
+
+
+def build_sized(sizes: dict, seed: int = 0) -> Neuroformer:
+    """A model at the reference shapes with the given ``NeuroformerConfig`` sizes (width, blocks, ...)."""
     torch.manual_seed(seed)
     cfg = NeuroformerConfig(id_vocab_size=ID_VOCAB, dt_vocab_size=DT_VOCAB, block_size=BLOCK, past_block_size=PAST,
                             n_frames=FRAMES[0], frame_shape=FRAMES[1:], patch=PATCH, n_behavior=1,
-                            behavior_steps=BEHAVIOR_STEPS, dropout=0.1, **DESIGNS[size][design])
+                            behavior_steps=BEHAVIOR_STEPS, dropout=0.1, **sizes)
     return Neuroformer(cfg).train()
 
 
