@@ -143,10 +143,11 @@ class TwinTask(Task):
         self.placed = False
         self.save_hyperparameters(ignore=["model", "spec"])
 
-    def on_fit_start(self) -> None:
-        # A fresh Gaussian readout starts at each unit's spike-triggered average (Twin.place_readouts);
-        # a resumed or fine-tuned one keeps its place.
-        if self.model.config.readout != "gaussian" or self.trainer.global_step > 0 or self.placed:
+    def setup(self, stage: str) -> None:
+        # A fresh Gaussian readout starts at each unit's spike-triggered average (Twin.place_readouts).
+        # Here, before the strategy wraps the model: DDP then gives every rank rank 0's placement,
+        # and a resumed run's checkpoint, restored later, overrides it.
+        if stage != "fit" or self.model.config.readout != "gaussian" or self.placed:
             return
         clips, counts = [], []
         for batch in self.trainer.datamodule.train_dataloader():
