@@ -21,7 +21,9 @@ DS x 4 directions, untuned) it
 6. times MDS and its scaling with units and starting clusters (default twin).
 
 ``--true-model`` replaces the twin by the simulation's own units (``TrueModel``, receptive
-fields centred exactly): what MDS reaches with a perfect model.
+fields centred at their energy's centre of mass): what MDS reaches with a perfect model. Its
+untuned units respond alike to every stimulus, so they are left out of the clustering (any
+assignment of theirs would be a tie).
 
 Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/mds_bench<tag>.json``.
 
@@ -80,9 +82,13 @@ class TrueModel(nn.Module):
         lags, hw, n = pop.filters.shape
         h, w = spec.frame_shape
         filters = pop.filters.transpose(2, 0, 1).reshape(n, lags, h, w)
-        energy = np.abs(pop.truth.receptive_fields).reshape(n, -1)
-        rows, cols = np.divmod(energy.argmax(1), w)
-        self.centres = np.stack([rows, cols], axis=1)  # (N, 2) true receptive-field centres
+        # A field's centre is the centre of mass of its energy over lags and space: the middle of
+        # a drifting Gabor's envelope, where the peak of |filter| would pick one of its lobes.
+        energy = np.square(filters).sum(1)  # (N, H, W)
+        grid = np.stack(np.mgrid[0:h, 0:w])  # (2, H, W)
+        mass = np.einsum("nhw,chw->nc", energy, grid) / np.maximum(energy.sum((1, 2)), 1e-12)[:, None]
+        self.centres = np.rint(mass).astype(int)  # (N, 2) true receptive-field centres
+        rows, cols = self.centres.T
         moved = [np.roll(f, (h // 2 - r, w // 2 - c), axis=(1, 2)) for f, r, c in zip(filters, rows, cols)]
         self.register_buffer("filters", torch.from_numpy(np.stack(moved)).float())  # (N, L, H, W), lag 0 first
         self.register_buffer("log_baseline", torch.from_numpy(pop.log_baseline).float())
@@ -156,7 +162,7 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
     else:
         model = loaded.model.eval()
         centred = model.centred(reference[:64])
-        centres = model.receptive_field_centres(reference[:64]).numpy()
+        centres = model.field_centres(reference[:64]).round().long().numpy()
     data = response_data(rec, spec)
     mean_count = data.counts[data.index["train"]].mean(0)  # (U,) per response window
     rows = []
@@ -164,6 +170,8 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
         rng = np.random.default_rng(seed)
         order = rng.permutation(spec.n_units)
         clustered, held = np.sort(order[: round(0.75 * spec.n_units)]), np.sort(order[round(0.75 * spec.n_units):])
+        if true_model:  # a perfect model's untuned units respond alike to everything: every stimulus ties
+            clustered = clustered[types[clustered] != UNTUNED]
         sub = UnitSubset(centred, clustered)
         cfg = MDSConfig(n_clusters=n_clusters, seed=seed, **settings)
         began = time.perf_counter()
@@ -171,9 +179,12 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
         seconds = time.perf_counter() - began
         t, f = types[clustered], fine[clustered]
         tuned = t != UNTUNED
+        # The centre-surround types (ON, OFF and their sustained/transient variants) are the well
+        # separated ones; DS units of one direction differ in spatial and temporal frequency.
+        surround = np.array([name.startswith(("ON", "OFF")) for name in t])
         feats = profiles(respond(sub, reference, Normalizer(torch.from_numpy(result.scale), cfg.normalize)).numpy())
         n_true = len(np.unique(t[tuned]))
-        km_true = kmeans(feats, n_true + 1, seed=seed)  # + 1: the untuned
+        km_true = kmeans(feats, n_true + int((~tuned).any()), seed=seed)  # + 1: the untuned
         km_same = kmeans(feats, result.n_clusters, seed=seed)
         majority = majority_types(result.labels[tuned], t[tuned])
         landed = {majority.get(c, "untuned-only cluster"): 0 for c in result.labels[~tuned]}
@@ -194,7 +205,9 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
             "ari_kmeans_same_k": adjusted_rand_index(km_same[tuned], t[tuned]),
             "ari_mds_subtypes": adjusted_rand_index(result.labels[tuned], f[tuned]),
             "ari_kmeans_true_k_subtypes": adjusted_rand_index(
-                kmeans(feats, len(np.unique(f[tuned])) + 1, seed=seed)[tuned], f[tuned]),
+                kmeans(feats, len(np.unique(f[tuned])) + int((~tuned).any()), seed=seed)[tuned], f[tuned]),
+            "ari_mds_centre_surround": adjusted_rand_index(result.labels[surround], t[surround]),
+            "ari_kmeans_true_k_centre_surround": adjusted_rand_index(km_true[surround], t[surround]),
             "online_accuracy": float(np.mean(predicted[held_tuned] == types[held][held_tuned])),
             "online_chance": float(freq.max() / freq.sum()),
             "untuned_landed": landed, "n_clustered": len(clustered), "n_held_out": len(held),
@@ -272,6 +285,10 @@ def main() -> None:
         r = results["default"]["rows"]
         print(f"\ndefault population, DS split by preferred direction: ARI MDS {_summary(r, 'ari_mds_subtypes')}, "
               f"k-means (true K) {_summary(r, 'ari_kmeans_true_k_subtypes')}")
+    for population in args.populations:
+        r = results[population]["rows"]
+        print(f"{population} population, centre-surround units only: ARI MDS {_summary(r, 'ari_mds_centre_surround')}, "
+              f"k-means (true K) {_summary(r, 'ari_kmeans_true_k_centre_surround')}")
     for population in args.populations:
         print(f"untuned units landed ({population}):", [row["untuned_landed"] for row in results[population]["rows"]])
     if "scaling" in results:

@@ -77,16 +77,18 @@ def test_settings_are_checked():
 # --------------------------------------------------------------------------- the alternation
 
 
-class TwoGroups(torch.nn.Module):
-    """Units 0..9 see the left half of the frame, 10..19 the right half (each with its own gain);
-    rates = softplus(gain * mean contrast of its half over the clip's frames)."""
+class Groups(torch.nn.Module):
+    """20 units per group; group g sees the g-th vertical stripe of the frame (each unit with its
+    own gain); rates = softplus(gain * mean contrast of its stripe over the clip's frames)."""
 
-    def __init__(self):
+    def __init__(self, n_groups: int = 2, width: int = 6):
         super().__init__()
-        weights = torch.zeros(20, 2, 6, 6)
-        weights[:10, :, :, :3], weights[10:, :, :, 3:] = 1.0, 1.0
-        gain = torch.linspace(0.5, 2.0, 20)
-        self.register_buffer("weights", weights * gain[:, None, None, None] / 36)
+        per, stripe = 20 // n_groups, width // n_groups
+        weights = torch.zeros(per * n_groups, 2, 6, width)
+        for g in range(n_groups):
+            weights[g * per:(g + 1) * per, ..., g * stripe:(g + 1) * stripe] = 1.0
+        gain = torch.linspace(0.5, 2.0, per * n_groups)
+        self.register_buffer("weights", weights * gain[:, None, None, None] / (2 * 6 * stripe))
 
     def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
         return F.softplus(torch.einsum("bthw,uthw->bu", stimulus, self.weights))
@@ -95,7 +97,7 @@ class TwoGroups(torch.nn.Module):
 def test_a_toy_model_converges_to_its_two_groups_from_more_clusters():
     torch.manual_seed(0)
     reference = torch.randn(256, 2, 6, 6)
-    result = mds(TwoGroups(), reference, MDSConfig(n_clusters=6, steps=30, max_iter=20))
+    result = mds(Groups(2), reference, MDSConfig(n_clusters=6, steps=30, max_iter=20))
     truth = np.repeat([0, 1], 10)
     assert result.n_clusters == 2
     assert adjusted_rand_index(result.labels, truth) == 1.0
@@ -108,6 +110,16 @@ def test_a_toy_model_converges_to_its_two_groups_from_more_clusters():
     # Saturated responses lie in [0, 1): J is at most log(2 sigmoid(1 / tau)), well above chance here.
     ceiling = math.log(2 / (1 + math.exp(-1 / 1.6)))
     assert np.all(result.objective <= ceiling + 1e-6) and np.all(result.objective > 0.3 * ceiling)
+
+
+def test_splits_grow_too_few_clusters_to_the_true_groups():
+    torch.manual_seed(0)
+    reference = torch.randn(256, 2, 6, 12)  # stripes of 4 pixels: wider than the stimuli's 2-pixel smoothing
+    result = mds(Groups(3, width=12), reference, MDSConfig(n_clusters=1, steps=30, max_iter=20))
+    truth = np.repeat([0, 1, 2], 6)
+    assert result.n_clusters == 3
+    assert adjusted_rand_index(result.labels, truth) == 1.0
+    assert [h["step"] for h in result.history].count("split") == 2  # 1 -> 2 -> 3, then no split is kept
 
 
 # --------------------------------------------------------------------------- scores

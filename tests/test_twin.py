@@ -134,14 +134,15 @@ def test_centred_gaussian_twin_sees_at_the_middle_what_each_unit_sees_at_its_fie
     torch.manual_seed(0)
     twin = _gaussian_twin(24, 24, [(7, 8), (15, 16)])
     reference = torch.randn(16, 2, 24, 24)
-    centres = twin.receptive_field_centres(reference)
+    centres = twin.field_centres(reference)
+    torch.testing.assert_close(centres, torch.tensor([[7.0, 8.0], [15.0, 16.0]]))  # the readouts' own centres
     centred = twin.centred(reference)
-    torch.testing.assert_close(centred.centre_pixels(), twin.centre_pixels() + (torch.tensor([12, 12]) - centres))
+    torch.testing.assert_close(centred.centre_pixels(), torch.full((2, 2), 12.0))
     blob = torch.zeros(1, 2, 24, 24)
     blob[..., 10:14, 10:14] = torch.randn(2, 4, 4)
     with torch.no_grad():
         for u in range(2):
-            moved = blob.roll(tuple((centres[u] - torch.tensor([12, 12])).tolist()), (2, 3))
+            moved = blob.roll(tuple((centres[u] - 12).long().tolist()), (2, 3))
             torch.testing.assert_close(centred.predict_responses(blob)[0, u], twin.predict_responses(moved)[0, u],
                                        atol=1e-4, rtol=1e-4)
 

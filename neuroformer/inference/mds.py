@@ -29,7 +29,8 @@ The algorithm alternates, like expectation-maximisation:
    each one's stimulus against the other alone) is under ``min_separation``; else try to
    **split** each of the largest clusters in two (k-means on its units' profiles; the new half
    starts from the reference clip that drives it best), optimise all stimuli, and keep the
-   split if every pair of clusters is still told apart by ``min_separation``; then continue
+   split if both halves are still told apart (``min_separation``) from each other and from
+   every other cluster; then continue
    alternating. Stop at a fixed point where nothing merges or splits.
 
 Why pairs and not the mean J: the mean of ``J_k`` is bounded by ``log K``, so it rises with
@@ -82,8 +83,8 @@ class MDSConfig:
                                          "from the other by this much J (nats; at most log 2)")
     merge: bool = option(True, "at a fixed point, merge the pair of clusters told apart least if under "
                                "min_separation")
-    split: bool = option(True, "at a fixed point, try splitting the largest clusters; keep the split that leaves "
-                               "every pair told apart by min_separation")
+    split: bool = option(True, "at a fixed point, try splitting the largest clusters; keep the split whose halves "
+                               "stay told apart by min_separation from each other and every other cluster")
     split_tries: int = option(3, "largest clusters tried at each split step")
     min_units: int = option(2, "a split must leave at least this many units in each half")
     seed: int = option(0, "seed of k-means and of the random initial clusters")
@@ -337,8 +338,8 @@ class _Search:
 
     def split(self, stimuli: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The best split of one of the largest clusters in two (k-means on its units' profiles; the
-        new half starts from its best reference clip), if after optimising every pair of clusters
-        is still told apart (``min_separation``)."""
+        new half starts from its best reference clip), if after optimising both halves are still
+        told apart (``min_separation``) from each other and from every other cluster."""
         cfg, k = self.cfg, len(stimuli)
         sizes = torch.bincount(labels, minlength=k)
         best, best_score = None, cfg.min_separation
@@ -353,7 +354,8 @@ class _Search:
             trial[members[torch.from_numpy(halves).to(labels.device) == 1]] = k
             fresh = self.constraint(self.reference[best_reference(self.ref_responses, trial, k + 1, cfg.tau)[k:]])
             new, _ = self.optimize(torch.cat([stimuli, fresh]), trial)
-            score = float(self.pair_separation(new, trial).min())
+            # Only the pairs with a half count: a pair elsewhere near the threshold says nothing of this split.
+            score = float(self.pair_separation(new, trial)[[c, k]].min())
             if score >= best_score:
                 best, best_score = (new, trial), score
         return best

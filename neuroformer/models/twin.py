@@ -201,23 +201,32 @@ class Twin(nn.Module):
         peak = F.avg_pool2d(maps[:, None], 3, 1, 1, count_include_pad=False).flatten(1).argmax(1)  # (U,)
         return torch.stack([peak // self.config.width, peak % self.config.width], dim=1)
 
+    def field_centres(self, reference: torch.Tensor) -> torch.Tensor:
+        """(U, 2) float (row, column) where ``centred`` takes each unit's field from: a Gaussian
+        readout's own centre (exact and sub-pixel; the core adds the same offset to every unit
+        with the same feature weights, so units of one type stay aligned), else the peak of
+        ``receptive_field_centres`` over the ``reference`` clips (B, T, H, W)."""
+        if self.config.readout == "gaussian":
+            return self.centre_pixels().detach()
+        return self.receptive_field_centres(reference).to(self.features.dtype)
+
     def centred(self, reference: torch.Tensor) -> Twin:
-        """A copy whose units all look at the middle of the frame: each spatial mask shifted
-        (circularly, by whole pixels) so that its receptive field's centre
-        (``receptive_field_centres``) is the middle pixel.
+        """A copy whose units all look at the middle of the frame (pixel (H // 2, W // 2)): each
+        unit's field (``field_centres``) moved there, a Gaussian's centre exactly, a free mask
+        circularly by whole pixels.
 
         Clustering by *functional* type must not split units by where their receptive fields
         lie; Burg et al. likewise present every stimulus at each neuron's receptive field.
         """
-        centres = self.receptive_field_centres(reference)
+        centres = self.field_centres(reference)
         middle = torch.tensor([self.config.height // 2, self.config.width // 2], device=centres.device)
-        shift = (middle - centres).tolist()
         twin = copy.deepcopy(self)
         with torch.no_grad():
             if self.config.readout == "mask":
+                shift = (middle - centres).round().long().tolist()
                 twin.mask.copy_(torch.stack([m.roll(tuple(d), (0, 1)) for m, d in zip(self.mask, shift)]))
             else:
-                twin.centre.add_(torch.tensor(shift, dtype=twin.centre.dtype, device=twin.centre.device) / self._frame_scale())
+                twin.centre.copy_((middle / self._frame_scale() - 1).expand_as(twin.centre))
         return twin
 
     def readout_l1(self) -> torch.Tensor:
