@@ -29,7 +29,7 @@ Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/
 
 Usage:
     OMP_NUM_THREADS=1 python bench/mds.py [--out DIR] [--seeds 0 1 2] [--no-run] [--no-scaling]
-        [--twin OVERRIDE ...] [--tag SUFFIX]
+        [--twin OVERRIDE ...] [--mds FIELD=VALUE ...] [--tag SUFFIX]
 """
 
 from __future__ import annotations
@@ -236,6 +236,19 @@ def scaling(checkpoint: Path, units: list[int], clusters: list[int]) -> list[dic
     return rows
 
 
+def mds_settings(pairs: list[str]) -> dict:
+    """``["steps=100", ...]`` -> ``{"steps": 100, ...}``, each value cast to its ``MDSConfig`` field's type."""
+    defaults = MDSConfig()
+    settings = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not hasattr(defaults, name):
+            raise SystemExit(f"--mds: MDSConfig has no field {name!r}")
+        kind = type(getattr(defaults, name))
+        settings[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return settings
+
+
 def _summary(rows: list[dict], key: str) -> str:
     v = np.array([r[key] for r in rows], float)
     return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}"
@@ -253,7 +266,8 @@ def main() -> None:
     p.add_argument("--no-scaling", action="store_true")
     p.add_argument("--twin", nargs="*", default=[], metavar="OVERRIDE",
                    help="Hydra overrides of the twin's training run, e.g. model.readout=mask")
-    p.add_argument("--min-separation", type=float, default=MDSConfig.min_separation, help="MDSConfig.min_separation")
+    p.add_argument("--mds", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="MDSConfig settings, e.g. min_separation=0.1 steps=100")
     p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
     p.add_argument("--true-model", action="store_true",
                    help="run MDS on the simulation's own (centred) units instead of the twin: the ceiling")
@@ -267,7 +281,7 @@ def main() -> None:
         twin = json.loads((out / "run" / "metrics.json").read_text())
         results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
                                "start_clusters": k, "rows": evaluate_population(
-            checkpoint, args.seeds, k, args.repeats, {"min_separation": args.min_separation}, args.true_model)}
+            checkpoint, args.seeds, k, args.repeats, mds_settings(args.mds), args.true_model)}
         if population == "default" and not args.no_scaling:
             results["scaling"] = scaling(checkpoint, [30, 60, 90], [6, 12, 24])
     (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))
