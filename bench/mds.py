@@ -20,6 +20,9 @@ DS x 4 directions, untuned) it
    accuracy is next to the majority-type rate (chance);
 6. times MDS and its scaling with units and starting clusters (default twin).
 
+``--members N`` trains N twins per population (seeds differ, the split does not) and clusters on
+their ``TwinEnsemble``, the mean of their predictions.
+
 ``--true-model`` replaces the twin by the simulation's own units (``TrueModel``, receptive
 fields centred at their energy's centre of mass): what MDS reaches with a perfect model. Its
 untuned units respond alike to every stimulus, so they are left out of the clustering (any
@@ -29,7 +32,7 @@ Prints the tables (mean and standard deviation over MDS seeds) and writes ``OUT/
 
 Usage:
     OMP_NUM_THREADS=1 python bench/mds.py [--out DIR] [--seeds 0 1 2] [--no-run] [--no-scaling]
-        [--twin OVERRIDE ...] [--mds FIELD=VALUE ...] [--tag SUFFIX]
+        [--twin OVERRIDE ...] [--mds FIELD=VALUE ...] [--members N] [--true-model] [--tag SUFFIX]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from neuroformer.data.recording import Recording
@@ -52,6 +56,7 @@ from neuroformer.data.simulate import read_config, session_inputs
 from neuroformer.inference.mds import MDSConfig, Normalizer, kmeans, mds, profiles, respond
 from neuroformer.mds import UNTUNED, cell_types, reference_clips
 from neuroformer.metrics.clustering import adjusted_rand_index, majority_types
+from neuroformer.models.twin import TwinEnsemble
 from neuroformer.registry import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,10 +152,11 @@ def shown_to_cells(stimuli: np.ndarray, rec: Recording, spec: ResponseSpec, unit
     return counts
 
 
-def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, repeats: int,
+def evaluate_population(checkpoints: list[Path], seeds: list[int], n_clusters: int, repeats: int,
                         settings: dict, true_model: bool = False) -> list[dict]:
-    """Rows of scores per MDS seed (module docstring); ``true_model``: MDS on ``TrueModel``."""
-    loaded = load(checkpoint)
+    """Rows of scores per MDS seed (module docstring); several ``checkpoints``: MDS on their
+    ``TwinEnsemble``; ``true_model``: MDS on ``TrueModel``."""
+    loaded = load(checkpoints[0])
     spec: ResponseSpec = loaded.spec
     rec = spec.source.read()
     types = cell_types(rec, spec.units)
@@ -161,6 +167,8 @@ def evaluate_population(checkpoint: Path, seeds: list[int], n_clusters: int, rep
         centres = centred.centres
     else:
         model = loaded.model.eval()
+        if len(checkpoints) > 1:
+            model = TwinEnsemble([model] + [load(c).model.eval() for c in checkpoints[1:]])
         centred = model.centred(reference[:64])
         centres = model.field_centres(reference[:64]).round().long().numpy()
     data = response_data(rec, spec)
@@ -269,21 +277,28 @@ def main() -> None:
     p.add_argument("--mds", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="MDSConfig settings, e.g. min_separation=0.1 steps=100")
     p.add_argument("--tag", default="", help="suffix of the results file (mds_bench<tag>.json)")
+    p.add_argument("--members", type=int, default=1,
+                   help="twins per population: more than 1 clusters on their TwinEnsemble (member i > 0 is "
+                        "trained with seed=i on the first twin's split, in OUT/<population>/member<i>)")
     p.add_argument("--true-model", action="store_true",
                    help="run MDS on the simulation's own (centred) units instead of the twin: the ceiling")
     args = p.parse_args()
     torch.set_num_threads(1)
     results: dict = {}
     for population, k in zip(args.populations, args.n_clusters):
-        out = args.out / population
-        checkpoint = (Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"])
-                      if args.no_run else train_twin(out, population, args.max_epochs, args.twin))
-        twin = json.loads((out / "run" / "metrics.json").read_text())
-        results[population] = {"twin": {key: twin[key] for key in twin if key.startswith("test/")},
+        outs = [args.out / population] + [args.out / population / f"member{i}" for i in range(1, args.members)]
+        split_seed = OmegaConf.load(ROOT / "conf" / "train.yaml").seed  # the first twin's (data.split.seed: ${seed})
+        checkpoints = [Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"]) if args.no_run
+                       else train_twin(out, population, args.max_epochs,
+                                       [*args.twin, *([f"seed={i}", f"data.split.seed={split_seed}"] if i else [])])
+                       for i, out in enumerate(outs)]
+        twins = [json.loads((out / "run" / "metrics.json").read_text()) for out in outs]
+        results[population] = {"twin": {key: twins[0][key] for key in twins[0] if key.startswith("test/")},
+                               "members_bits_per_spike": [t["test/bits_per_spike"] for t in twins],
                                "start_clusters": k, "rows": evaluate_population(
-            checkpoint, args.seeds, k, args.repeats, mds_settings(args.mds), args.true_model)}
+            checkpoints, args.seeds, k, args.repeats, mds_settings(args.mds), args.true_model)}
         if population == "default" and not args.no_scaling:
-            results["scaling"] = scaling(checkpoint, [30, 60, 90], [6, 12, 24])
+            results["scaling"] = scaling(checkpoints[0], [30, 60, 90], [6, 12, 24])
     (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))
 
     print("\n| population | twin bits/spike (oracle) | start K | recovered K | ARI MDS | ARI k-means (true K) "

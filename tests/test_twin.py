@@ -14,7 +14,7 @@ import torch
 from neuroformer.data.nwb import read_nwb
 from neuroformer.data.responses import ResponseDataModule, ResponseSpec
 from neuroformer.errors import ConfigError
-from neuroformer.models.twin import ResponseModel, Twin, TwinConfig
+from neuroformer.models.twin import ResponseModel, Twin, TwinConfig, TwinEnsemble
 
 # --------------------------------------------------------------------------- data
 
@@ -145,6 +145,21 @@ def test_centred_gaussian_twin_sees_at_the_middle_what_each_unit_sees_at_its_fie
             moved = blob.roll(tuple((centres[u] - 12).long().tolist()), (2, 3))
             torch.testing.assert_close(centred.predict_responses(blob)[0, u], twin.predict_responses(moved)[0, u],
                                        atol=1e-4, rtol=1e-4)
+
+
+def test_an_ensemble_predicts_its_members_mean_and_centres_every_member():
+    torch.manual_seed(0)
+    a, b = _gaussian_twin(24, 24, [(7, 8), (15, 16)]), _gaussian_twin(24, 24, [(9, 8), (15, 12)])
+    ensemble = TwinEnsemble([a, b])
+    assert isinstance(ensemble, ResponseModel)
+    clips = torch.randn(3, 2, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble.predict_responses(clips), (a(clips) + b(clips)) / 2)
+    torch.testing.assert_close(ensemble.field_centres(clips), torch.tensor([[8.0, 8.0], [15.0, 14.0]]))
+    for member in ensemble.centred(clips).members:
+        torch.testing.assert_close(member.centre_pixels(), torch.full((2, 2), 12.0))
+    with pytest.raises(ConfigError, match="at least one twin"):
+        TwinEnsemble([])
 
 
 def test_a_fresh_gaussian_readout_starts_at_each_units_receptive_field(small_sim_path):

@@ -232,3 +232,31 @@ class Twin(nn.Module):
     def readout_l1(self) -> torch.Tensor:
         """Mean absolute spatial-mask weight (sparse, localised masks); 0 for Gaussian readouts, local by design."""
         return self.mask.abs().mean() if self.config.readout == "mask" else self.features.new_zeros(())
+
+
+class TwinEnsemble(nn.Module):
+    """Several twins of one recording (trained from different seeds) as one response model:
+    the mean of their predicted rates.
+
+    Each twin fits the data's noise in its own way; optimised stimuli find and exploit such
+    idiosyncrasies, and averaging independently trained twins cancels part of them (model
+    ensembles are the usual response model for optimised stimuli).
+    """
+
+    def __init__(self, members: list[Twin]):
+        super().__init__()
+        if not members:
+            raise ConfigError("a twin ensemble needs at least one twin")
+        self.members = nn.ModuleList(members)
+
+    def predict_responses(self, stimulus: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, W) -> (B, U) the members' mean expected counts."""
+        return torch.stack([m.predict_responses(stimulus) for m in self.members]).mean(0)
+
+    def field_centres(self, reference: torch.Tensor) -> torch.Tensor:
+        """(U, 2) the members' mean ``Twin.field_centres``."""
+        return torch.stack([m.field_centres(reference) for m in self.members]).mean(0)
+
+    def centred(self, reference: torch.Tensor) -> TwinEnsemble:
+        """The ensemble of the members' ``Twin.centred`` views: every unit's field at the middle in each."""
+        return TwinEnsemble([m.centred(reference) for m in self.members])
