@@ -251,9 +251,12 @@ def mds_settings(pairs: list[str]) -> dict:
     for pair in pairs:
         name, _, value = pair.partition("=")
         if not hasattr(defaults, name):
-            raise SystemExit(f"--mds: MDSConfig has no field {name!r}")
+            raise ValueError(f"--mds: MDSConfig has no field {name!r}")
         kind = type(getattr(defaults, name))
-        settings[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        try:
+            settings[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise ValueError(f"--mds {pair}: {name} must be a {kind.__name__}") from None
     return settings
 
 
@@ -283,11 +286,15 @@ def main() -> None:
     p.add_argument("--true-model", action="store_true",
                    help="run MDS on the simulation's own (centred) units instead of the twin: the ceiling")
     args = p.parse_args()
+    try:
+        settings = mds_settings(args.mds)
+    except ValueError as e:
+        p.error(str(e))  # one line, exit status 2
+    split_seed = OmegaConf.load(ROOT / "conf" / "train.yaml").seed  # the first twin's (data.split.seed: ${seed})
     torch.set_num_threads(1)
     results: dict = {}
     for population, k in zip(args.populations, args.n_clusters):
         outs = [args.out / population] + [args.out / population / f"member{i}" for i in range(1, args.members)]
-        split_seed = OmegaConf.load(ROOT / "conf" / "train.yaml").seed  # the first twin's (data.split.seed: ${seed})
         checkpoints = [Path(json.loads((out / "run" / "metrics.json").read_text())["best_checkpoint"]) if args.no_run
                        else train_twin(out, population, args.max_epochs,
                                        [*args.twin, *([f"seed={i}", f"data.split.seed={split_seed}"] if i else [])])
@@ -296,7 +303,7 @@ def main() -> None:
         results[population] = {"twin": {key: twins[0][key] for key in twins[0] if key.startswith("test/")},
                                "members_bits_per_spike": [t["test/bits_per_spike"] for t in twins],
                                "start_clusters": k, "rows": evaluate_population(
-            checkpoints, args.seeds, k, args.repeats, mds_settings(args.mds), args.true_model)}
+            checkpoints, args.seeds, k, args.repeats, settings, args.true_model)}
         if population == "default" and not args.no_scaling:
             results["scaling"] = scaling(checkpoints[0], [30, 60, 90], [6, 12, 24])
     (args.out / f"mds_bench{args.tag}.json").write_text(json.dumps(results, indent=1))
